@@ -1,0 +1,141 @@
+"""The `lollms-fast` command: argv -> Config -> server, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_MODEL_FILE, Config, ConfigError, load_config
+from .errors import ModelLoadError
+from .modelfiles import list_models, resolve_model, stderr_progress
+
+COMMANDS = ("serve", "models")
+
+# flag -> config key; every serve flag maps to one setting
+SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--host", "host", str, "interface to listen on (default localhost)"),
+    ("--port", "port", int, "TCP port (default 9600)"),
+    ("--model", "model", str, "GGUF file: a path, or a name in <data-dir>/models/llama_cpp/"),
+    ("--data-dir", "data_dir", str, "folder for models, databases, personalities and config "
+                                    "(default ~/.local/share/lollms_fast)"),
+    ("--db-path", "db_path", str, "SQLite file, relative to the data dir unless absolute"),
+    ("--n-threads", "n_threads", int, "CPU threads for llama.cpp (default: physical cores)"),
+    ("--ctx-size", "ctx_size", int, "context size in tokens per slot (default 2048)"),
+    ("--parallel", "parallel", int, "parallel generation slots (default 8)"),
+    ("--ui-dir", "ui_dir", str, "serve another web UI build from this folder"),
+)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                   help="folder for models, databases, personalities and config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lollms-fast",
+        description="A fast, self-hosted LLM chat server speaking the lollms-webui API. "
+                    "Without a command it runs `serve`.",
+        epilog="Settings also come from LOLLMS_<SETTING> environment variables and "
+               "<data-dir>/local_config.yaml (flags win, then environment, then the file).",
+    )
+    parser.add_argument("--version", action="version", version=f"lollms-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server (default)",
+                           description="Run the HTTP + Socket.IO server on one model.")
+    for flag, key, kind, help_text in SERVE_FLAGS:
+        serve.add_argument(flag, dest=key, type=kind, metavar=key.upper(), help=help_text)
+    serve.add_argument("--debug", action="store_const", const=True, default=None,
+                       help="debug logging, one line per request")
+
+    models = sub.add_parser("models", help="list the models available to the server",
+                            description="List GGUF files in the models folder.")
+    _add_common(models)
+    return parser
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """`lollms-fast [--port N ...]` means `lollms-fast serve [--port N ...]`."""
+    args = list(argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")):
+        args.insert(0, "serve")
+    return args
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not debug:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def cmd_models(config: Config) -> int:
+    names = list_models(config.models_dir)
+    print(f"models folder: {config.models_dir}")
+    for name in names:
+        marker = "*" if name == config.model else " "
+        print(f" {marker} {name}")
+    if DEFAULT_MODEL_FILE not in names:
+        print(f"   {DEFAULT_MODEL_FILE} (embedded default, assembled on first `serve`)")
+    return 0
+
+
+def cmd_serve(config: Config) -> int:
+    from aiohttp import web
+
+    from .app import build_app
+
+    setup_logging(config.debug)
+    log = logging.getLogger("lollms_fast")
+    started = time.perf_counter()
+    try:
+        model_path = resolve_model(config.model, config.models_dir, DEFAULT_MODEL_FILE,
+                                   progress=stderr_progress("assembling default model"))
+    except ModelLoadError as exc:
+        print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
+        return 2
+    app = build_app(config)
+
+    async def banner(app: web.Application) -> None:
+        url = f"http://{config.host}:{config.port}/"
+        log.info("lollms-fast %s serving on %s", __version__, url)
+        log.info("model %s | threads %d | slots %d | ctx %d per slot | data %s",
+                 model_path, config.n_threads, config.parallel, config.ctx_size,
+                 config.data_dir)
+        log.info("ready in %.2fs", time.perf_counter() - started)
+
+    app.on_startup.append(banner)
+    try:
+        web.run_app(app, host=config.host, port=config.port, print=None,
+                    shutdown_timeout=3.0, access_log=None, handle_signals=True)
+    except ModelLoadError as exc:
+        print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"lollms-fast: error: cannot listen on {config.host}:{config.port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        config = load_config(flags)
+    except ConfigError as exc:
+        print(f"lollms-fast: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "models":
+        return cmd_models(config)
+    return cmd_serve(config)

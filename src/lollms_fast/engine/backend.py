@@ -1,0 +1,117 @@
+"""The llama.cpp backend: the only module that imports `llama_cpp`.
+
+It loads a GGUF model and creates a context through llama-cpp-python's low-level API.
+Everything here runs on the engine thread, except `load`, which the app runs in an executor
+before the engine starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import llama_cpp as C
+
+from ..errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+llama_log = logging.getLogger("lollms_fast.llama_cpp")
+
+# ggml's log levels (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continuation)
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.ERROR}
+_backend_ready = False
+
+
+@C.llama_log_callback
+def _log_to_logging(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama-cpp-python's own callback maps the levels wrongly and prints warnings to stderr;
+    # llama.cpp's chatter goes to our logger (errors shown, the rest at debug)
+    py_level = _GGML_LEVELS.get(level, logging.DEBUG)
+    if llama_log.isEnabledFor(py_level):
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            llama_log.log(py_level, "%s", message)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        C.llama_log_set(_log_to_logging, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class BackendParams:
+    model_path: Path
+    n_ctx: int  # total KV cells, shared by all sequences (unified cache)
+    n_batch: int
+    n_threads: int
+    n_seq_max: int
+    use_gpu: bool = False
+
+
+class Backend:
+    """A loaded model and its context. Not thread-safe: owned by the engine thread."""
+
+    def __init__(self, params: BackendParams) -> None:
+        self.params = params
+        _init_backend()
+        path = params.model_path
+        mparams = C.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if params.use_gpu else 0
+        model = C.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load the model file {path} "
+                                 f"(corrupt or unsupported GGUF)")
+        self.model = model
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = params.n_ctx
+        cparams.n_batch = params.n_batch
+        cparams.n_ubatch = params.n_batch
+        cparams.n_seq_max = params.n_seq_max
+        cparams.n_threads = params.n_threads
+        cparams.n_threads_batch = params.n_threads
+        cparams.kv_unified = True
+        # sliding-window models (Gemma 3) keep the full cache so a prefix can be reused
+        cparams.swa_full = True
+        cparams.no_perf = True
+        ctx = C.llama_init_from_model(model, cparams)
+        if not ctx:
+            C.llama_model_free(model)
+            self.model = None
+            raise ModelLoadError(f"llama.cpp could not create a context for {path} "
+                                 f"(n_ctx={params.n_ctx}: not enough memory?)")
+        self.ctx = ctx
+        self.vocab = C.llama_model_get_vocab(model)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        desc = ctypes.create_string_buffer(256)
+        C.llama_model_desc(model, desc, len(desc))
+        self.description = desc.value.decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:  # the buffer was too small: -n is the size needed
+            n_max = -n
+            buf = (C.llama_token * n_max)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            C.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            C.llama_model_free(self.model)
+            self.model = None
+
+
+def llama_cpp_version() -> str:
+    return str(getattr(llama_cpp, "__version__", "unknown"))

@@ -1,0 +1,47 @@
+"""Typed errors, each carrying the HTTP status the middleware answers with."""
+
+from __future__ import annotations
+
+
+class LollmsError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(LollmsError, ValueError):
+    status = 400
+
+
+class Unauthorized(LollmsError):
+    status = 401
+
+
+class NotFound(LollmsError, LookupError):
+    status = 404
+
+
+class Conflict(LollmsError):
+    status = 409
+
+
+class PayloadTooLarge(LollmsError):
+    status = 413
+
+
+class Busy(LollmsError):
+    """Every slot and the whole wait queue are taken."""
+
+    status = 503
+
+
+class ModelNotReady(LollmsError):
+    status = 503
+
+
+class ModelLoadError(LollmsError):
+    """The model file is missing, corrupt or of an unsupported format."""
+
+    status = 500

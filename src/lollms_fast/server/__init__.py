@@ -1,0 +1,1 @@
+"""HTTP routes, Socket.IO events, static files and middlewares."""

@@ -1,0 +1,74 @@
+"""Middlewares: JSON errors (never a traceback to the client), API key, request log."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from ..errors import LollmsError
+from .keys import SETTINGS
+from .responses import error_response
+
+log = logging.getLogger("lollms_fast.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LollmsError as exc:
+        return error_response(exc.message, exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.empty_body:
+            raise
+        reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        response = error_response(reason, exc.status)
+        for name in ("Allow",):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response("internal server error", 500)
+
+
+def presented_key(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return (request.headers.get("X-API-Key") or request.cookies.get("lollms_api_key")
+            or request.query.get("api_key") or "")
+
+
+def key_matches(expected: str, presented: str) -> bool:
+    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    expected = request.app[SETTINGS].config.api_key
+    if expected and not key_matches(expected, presented_key(request)):
+        return error_response("missing or wrong API key", 401)
+    return await handler(request)
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not log.isEnabledFor(logging.DEBUG):
+        return await handler(request)
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        # path only: query strings may carry message text or keys
+        log.debug("%s %s %d %.1fms", request.method, request.path, status,
+                  (time.perf_counter() - start) * 1000)

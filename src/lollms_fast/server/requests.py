@@ -1,0 +1,65 @@
+"""Strict parsing of request bodies and query strings (BadRequest on anything wrong)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..errors import BadRequest
+
+_INT_RE = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    body = await request.read()  # raises 413 past client_max_size
+    if not body:
+        raise BadRequest("a JSON body is required")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the JSON body must be an object")
+    return data
+
+
+def query_str(request: web.Request, name: str, *, required: bool = True) -> str | None:
+    value = request.query.get(name)
+    if value is None and required:
+        raise BadRequest(f"query parameter {name!r} is required")
+    return value
+
+
+def query_int(request: web.Request, name: str) -> int:
+    raw = query_str(request, name)
+    assert raw is not None
+    return parse_int(name, raw)
+
+
+def parse_int(name: str, value: Any) -> int:
+    """An integer id from JSON or a query string; rejects bools, floats, junk, huge values."""
+    if isinstance(value, bool):
+        raise BadRequest(f"{name} must be an integer")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str) and _INT_RE.fullmatch(value):
+        result = int(value)
+    else:
+        raise BadRequest(f"{name} must be an integer")
+    if not -(2**63) <= result < 2**63:
+        raise BadRequest(f"{name} is out of range")
+    return result
+
+
+def require_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """data[name], checked to be of `kind` (a bool never passes for an int)."""
+    if name not in data:
+        raise BadRequest(f"field {name!r} is required")
+    value = data[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise BadRequest(f"field {name!r} has the wrong type")
+    return value

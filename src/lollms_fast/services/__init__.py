@@ -1,0 +1,1 @@
+"""Services: the only layer where storage and the engine meet."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real default model, configs on temporary data dirs, real servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lollms_fast.config import DEFAULT_MODEL_FILE, Config, load_config
+from lollms_fast.modelfiles import ensure_default_model
+
+REPO = Path(__file__).resolve().parent.parent
+# the assembled default model is kept between runs (it is 250 MB; assembling takes seconds)
+MODEL_CACHE = Path(os.environ.get("LOLLMS_FAST_TEST_MODEL_DIR", REPO / ".cache" / "models"))
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The real default model (Gemma 3 270M Q4_K_M), assembled from its PyPI package."""
+    return ensure_default_model(MODEL_CACHE)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, default_model_path: Path) -> Callable[..., Config]:
+    """Config on a fresh data dir, using the real default model, no environment leaking in."""
+
+    def make(**overrides: Any) -> Config:
+        flags: dict[str, Any] = {
+            "data_dir": str(tmp_path / "data"),
+            "model": str(default_model_path),
+            "host": "127.0.0.1",
+            "port": 0,
+            "n_threads": 2,
+            "parallel": 4,
+            "ctx_size": 1024,
+        }
+        flags.update(overrides)
+        return load_config(flags, environ={})
+
+    return make
+
+
+@pytest.fixture
+def model_name() -> str:
+    return DEFAULT_MODEL_FILE
