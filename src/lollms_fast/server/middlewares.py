@@ -50,10 +50,15 @@ def key_matches(expected: str, presented: str) -> bool:
     return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
 
 
+SOCKETIO_PREFIX = "/socket.io/"
+
+
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     expected = request.app[SETTINGS].config.api_key
-    if expected and not key_matches(expected, presented_key(request)):
+    # Socket.IO checks the key in its connect handler (clients send it in the `auth` payload)
+    if (expected and not request.path.startswith(SOCKETIO_PREFIX)
+            and not key_matches(expected, presented_key(request))):
         return error_response("missing or wrong API key", 401)
     return await handler(request)
 

@@ -8,7 +8,7 @@ from typing import Any
 import socketio
 
 from ..config import Config
-from .middlewares import key_matches
+from .middlewares import key_matches, presented_key
 
 log = logging.getLogger("lollms_fast.socketio")
 
@@ -41,8 +41,9 @@ def create_socketio(config: Config) -> socketio.AsyncServer:
             presented = ""
             if isinstance(auth, dict):
                 presented = str(auth.get("api_key", ""))
-            if not presented:
-                presented = environ.get("HTTP_X_API_KEY", "")
+            request = environ.get("aiohttp.request")
+            if not presented and request is not None:
+                presented = presented_key(request)
             if not key_matches(expected, presented):
                 log.info("refused Socket.IO connection %s: missing or wrong API key", sid)
                 return False
