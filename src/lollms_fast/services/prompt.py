@@ -1,0 +1,98 @@
+"""Prompt building: personality conditioning + the branch's recent messages + the new prompt.
+
+The text is the 2023 format: conditioning, then each turn as `prefix + content`, turns joined
+by the link text, and after the new prompt `link + ai_prefix`. It is tokenized as segments,
+each on its own, and concatenated:
+
+    [BOS conditioning] [user_prefix + m1 + link] [ai_prefix] [m2 + link] ...
+    [user_prefix + prompt + link] [ai_prefix]
+
+Segment boundaries do not move between turns, so turn N's prompt tokens (followed by the
+answer) are a prefix of turn N+1's and the engine's prefix cache skips them. The history is
+trimmed by tokens to the budget (`ctx_size - n_predict`), oldest messages first; the
+conditioning and the new prompt are never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import BadRequest
+
+Tokenize = Callable[[str, bool], list[int]]  # (text, add_bos) -> tokens
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    conditioning: str  # with {{date}} etc. already expanded
+    user_prefix: str
+    ai_prefix: str
+    link: str
+    ai_name: str  # messages from this sender use ai_prefix; anything else is the user
+
+
+@dataclass(frozen=True)
+class Turn:
+    sender: str
+    content: str
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    tokens: list[int]
+    text: str
+    n_history_used: int
+    n_history_dropped: int
+
+
+class ContextOverflow(BadRequest):
+    """Even the conditioning and the new prompt alone do not fit the context budget."""
+
+
+def _turn_segments(style: PromptStyle, turn: Turn) -> list[tuple[str, bool]]:
+    """(text, is_ai_prefix) segments of one past turn."""
+    if turn.sender == style.ai_name:
+        return [(style.ai_prefix, True), (turn.content + style.link, False)]
+    return [(style.user_prefix + turn.content + style.link, False)]
+
+
+def build_prompt(
+    style: PromptStyle,
+    history: Sequence[Turn],
+    prompt: str,
+    tokenize: Tokenize,
+    budget: int,
+    max_history: int,
+) -> BuiltPrompt:
+    """Tokens for the model. `history` is the branch, oldest first, without the new prompt."""
+    recent = list(history[-max_history:]) if max_history > 0 else []
+    cond = tokenize(style.conditioning, True)
+    ai_prefix = tokenize(style.ai_prefix, False)
+    new_turn = tokenize(style.user_prefix + prompt + style.link, False)
+    fixed = len(cond) + len(new_turn) + len(ai_prefix)
+    if fixed > budget:
+        raise ContextOverflow(
+            f"the prompt needs {fixed} tokens but only {budget} fit in the context "
+            f"(ctx_size - n_predict); shorten the message or raise ctx_size")
+
+    # keep the newest turns that fit
+    kept: list[list[int]] = []
+    used = fixed
+    for turn in reversed(recent):
+        segs = [ai_prefix if is_prefix else tokenize(text, False)
+                for text, is_prefix in _turn_segments(style, turn)]
+        cost = sum(len(s) for s in segs)
+        if used + cost > budget:
+            break
+        kept.append([t for s in segs for t in s])
+        used += cost
+    kept.reverse()
+    kept_turns = recent[len(recent) - len(kept):]
+
+    tokens = cond + [t for seg in kept for t in seg] + new_turn + ai_prefix
+    text = style.conditioning + "".join(
+        text for turn in kept_turns for text, _ in _turn_segments(style, turn))
+    text += style.user_prefix + prompt + style.link + style.ai_prefix
+    return BuiltPrompt(tokens=tokens, text=text, n_history_used=len(kept_turns),
+                       n_history_dropped=len(history) - len(kept_turns))
