@@ -1,0 +1,292 @@
+"""Typed queries on discussions and messages. Every statement is parameterised.
+
+The sync functions take a connection and run on a database thread; `DiscussionStore` is the
+async face the services use.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .db import Database
+
+MSG_NORMAL = 0
+MSG_CONDITIONING = 1
+
+# how many discussions one export read fetches (bounds the memory of a streamed export)
+EXPORT_BATCH = 200
+# SQLite's default limit on host parameters is 32766; stay well below
+_IN_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    sender: str
+    content: str
+    type: int = MSG_NORMAL
+    rank: int = 0
+    parent: int | None = None
+    created_at: str | None = None
+
+
+@dataclass(frozen=True)
+class ImportedDiscussion:
+    title: str | None
+    messages: Sequence[ImportedMessage]
+
+
+@dataclass(frozen=True)
+class ImportedMessage:
+    old_id: int | None
+    message: NewMessage
+
+
+# ------------------------------------------------------------------ sync queries
+
+
+def list_discussions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT id, title FROM discussion ORDER BY id").fetchall()
+    return [{"id": i, "title": t} for i, t in rows]
+
+
+def discussion_exists(conn: sqlite3.Connection, discussion_id: int) -> bool:
+    return conn.execute("SELECT 1 FROM discussion WHERE id = ?",
+                        (discussion_id,)).fetchone() is not None
+
+
+def missing_discussions(conn: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
+    found: set[int] = set()
+    unique = sorted(set(ids))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start:start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found.update(r[0] for r in conn.execute(
+            f"SELECT id FROM discussion WHERE id IN ({marks})", chunk))
+    return [i for i in unique if i not in found]
+
+
+def create_discussion(conn: sqlite3.Connection, title: str | None) -> int:
+    cur = conn.execute("INSERT INTO discussion (title) VALUES (?)", (title,))
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def rename_discussion(conn: sqlite3.Connection, discussion_id: int, title: str) -> bool:
+    cur = conn.execute("UPDATE discussion SET title = ? WHERE id = ?", (title, discussion_id))
+    return cur.rowcount > 0
+
+
+def delete_discussion(conn: sqlite3.Connection, discussion_id: int) -> bool:
+    # ON DELETE CASCADE removes the messages; the explicit delete also covers a database
+    # opened with foreign keys off
+    conn.execute("DELETE FROM message WHERE discussion_id = ?", (discussion_id,))
+    cur = conn.execute("DELETE FROM discussion WHERE id = ?", (discussion_id,))
+    return cur.rowcount > 0
+
+
+def insert_message(conn: sqlite3.Connection, discussion_id: int, m: NewMessage) -> int:
+    if m.created_at is None:
+        cur = conn.execute(
+            "INSERT INTO message (sender, content, type, rank, parent, discussion_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (m.sender, m.content, m.type, m.rank, m.parent, discussion_id))
+    else:
+        cur = conn.execute(
+            "INSERT INTO message (sender, content, type, rank, parent, created_at, "
+            "discussion_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (m.sender, m.content, m.type, m.rank, m.parent, m.created_at, discussion_id))
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def messages_of(conn: sqlite3.Connection, discussion_id: int) -> list[dict[str, Any]]:
+    """The load_discussion shape, ordered by id."""
+    rows = conn.execute(
+        "SELECT id, content, parent, rank, sender, type FROM message "
+        "WHERE discussion_id = ? ORDER BY id", (discussion_id,)).fetchall()
+    return [{"id": r[0], "content": r[1], "parent": r[2], "rank": r[3], "sender": r[4],
+             "type": r[5]} for r in rows]
+
+
+def message_discussion(conn: sqlite3.Connection, message_id: int) -> int | None:
+    row = conn.execute("SELECT discussion_id FROM message WHERE id = ?",
+                       (message_id,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def last_message_id(conn: sqlite3.Connection, discussion_id: int) -> int | None:
+    row = conn.execute("SELECT max(id) FROM message WHERE discussion_id = ?",
+                       (discussion_id,)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def update_content(conn: sqlite3.Connection, message_id: int, content: str) -> bool:
+    cur = conn.execute("UPDATE message SET content = ? WHERE id = ?", (content, message_id))
+    return cur.rowcount > 0
+
+
+def change_rank(conn: sqlite3.Connection, message_id: int, delta: int) -> int | None:
+    row = conn.execute("UPDATE message SET rank = rank + ? WHERE id = ? RETURNING rank",
+                       (delta, message_id)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def delete_message(conn: sqlite3.Connection, message_id: int) -> bool:
+    cur = conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
+    return cur.rowcount > 0
+
+
+def import_discussions(conn: sqlite3.Connection,
+                       discussions: Iterable[ImportedDiscussion]) -> list[int]:
+    """Insert with fresh ids; `parent` follows the old ids to the new rows. A message without
+    an old id (the 2023 export had none) replies to the message before it; a parent that is
+    not among the imported messages becomes -1 (a root, like 2023's welcome message)."""
+    new_ids: list[int] = []
+    for d in discussions:
+        discussion_id = create_discussion(conn, d.title)
+        new_ids.append(discussion_id)
+        id_map: dict[int, int] = {}
+        inserted: list[tuple[int, ImportedMessage]] = []
+        previous: int | None = None
+        for item in d.messages:
+            row_id = insert_message(conn, discussion_id, item.message)
+            if item.old_id is not None:
+                id_map[item.old_id] = row_id
+            inserted.append((row_id, item))
+        for row_id, item in inserted:
+            old_parent = item.message.parent
+            if item.old_id is None:
+                parent = previous if previous is not None else -1
+            elif old_parent is not None and old_parent in id_map:
+                parent = id_map[old_parent]
+            else:
+                parent = -1
+            previous = row_id
+            conn.execute("UPDATE message SET parent = ? WHERE id = ?", (parent, row_id))
+    return new_ids
+
+
+def _export_batch(conn: sqlite3.Connection, after_id: int,
+                  ids: Sequence[int] | None) -> tuple[list[bytes], int | None]:
+    """Up to EXPORT_BATCH discussions with id > after_id (only those in the sorted `ids` when
+    given), each encoded as JSON; returns (items, id to continue after, or None when done)."""
+    if ids is None:
+        heads = conn.execute("SELECT id, title FROM discussion WHERE id > ? ORDER BY id "
+                             "LIMIT ?", (after_id, EXPORT_BATCH)).fetchall()
+        if not heads:
+            return [], None
+        rows = conn.execute(
+            "SELECT id, sender, content, type, rank, parent, created_at, discussion_id "
+            "FROM message WHERE discussion_id BETWEEN ? AND ? ORDER BY discussion_id, id",
+            (heads[0][0], heads[-1][0]))
+        resume: int | None = heads[-1][0] if len(heads) == EXPORT_BATCH else None
+    else:
+        rest = [i for i in ids if i > after_id]
+        wanted = rest[:EXPORT_BATCH]
+        if not wanted:
+            return [], None
+        marks = ",".join("?" * len(wanted))
+        heads = conn.execute(f"SELECT id, title FROM discussion WHERE id IN ({marks}) "
+                             f"ORDER BY id", wanted).fetchall()
+        rows = conn.execute(
+            f"SELECT id, sender, content, type, rank, parent, created_at, discussion_id "
+            f"FROM message WHERE discussion_id IN ({marks}) ORDER BY discussion_id, id",
+            wanted)
+        resume = wanted[-1] if len(rest) > EXPORT_BATCH else None
+    by_discussion: dict[int, list[dict[str, Any]]] = {h[0]: [] for h in heads}
+    for r in rows:
+        bucket = by_discussion.get(r[7])
+        if bucket is not None:
+            bucket.append({"id": r[0], "sender": r[1], "content": r[2], "type": r[3],
+                           "rank": r[4], "parent": r[5], "created_at": r[6]})
+    items = [orjson.dumps({"id": i, "title": t, "messages": by_discussion[i]})
+             for i, t in heads]
+    return items, resume
+
+
+# ------------------------------------------------------------------ async face
+
+
+class DiscussionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self.db.read(list_discussions)
+
+    async def exists(self, discussion_id: int) -> bool:
+        return await self.db.read(lambda c: discussion_exists(c, discussion_id))
+
+    async def missing(self, ids: Sequence[int]) -> list[int]:
+        return await self.db.read(lambda c: missing_discussions(c, ids))
+
+    async def create(self, title: str | None, messages: Sequence[NewMessage] = ()
+                     ) -> tuple[int, list[int]]:
+        """A new discussion and its first messages, each replying to the one before (the
+        first keeps its own `parent`); returns (discussion id, message ids)."""
+        def run(c: sqlite3.Connection) -> tuple[int, list[int]]:
+            discussion_id = create_discussion(c, title)
+            ids: list[int] = []
+            for m in messages:
+                if ids:
+                    m = NewMessage(m.sender, m.content, m.type, m.rank, ids[-1], m.created_at)
+                ids.append(insert_message(c, discussion_id, m))
+            return discussion_id, ids
+        return await self.db.write(run)
+
+    async def rename(self, discussion_id: int, title: str) -> bool:
+        return await self.db.write(lambda c: rename_discussion(c, discussion_id, title))
+
+    async def delete(self, discussion_id: int) -> bool:
+        return await self.db.write(lambda c: delete_discussion(c, discussion_id))
+
+    async def messages(self, discussion_id: int) -> list[dict[str, Any]] | None:
+        """The discussion's messages, or None if there is no such discussion."""
+        def run(c: sqlite3.Connection) -> list[dict[str, Any]] | None:
+            if not discussion_exists(c, discussion_id):
+                return None
+            return messages_of(c, discussion_id)
+        return await self.db.read(run)
+
+    async def last_message_id(self, discussion_id: int) -> int | None:
+        return await self.db.read(lambda c: last_message_id(c, discussion_id))
+
+    async def message_discussion(self, message_id: int) -> int | None:
+        return await self.db.read(lambda c: message_discussion(c, message_id))
+
+    async def add_message(self, discussion_id: int, m: NewMessage) -> int:
+        return await self.db.write(lambda c: insert_message(c, discussion_id, m))
+
+    async def update_content(self, message_id: int, content: str) -> bool:
+        return await self.db.write(lambda c: update_content(c, message_id, content))
+
+    async def change_rank(self, message_id: int, delta: int) -> int | None:
+        return await self.db.write(lambda c: change_rank(c, message_id, delta))
+
+    async def delete_message(self, message_id: int) -> bool:
+        return await self.db.write(lambda c: delete_message(c, message_id))
+
+    async def import_many(self, discussions: Sequence[ImportedDiscussion]) -> list[int]:
+        return await self.db.write(lambda c: import_discussions(c, discussions))
+
+    async def export(self, ids: Sequence[int] | None = None) -> AsyncIterator[bytes]:
+        """The export JSON array, in pieces of at most EXPORT_BATCH discussions: memory stays
+        bounded however large the database is. `ids` restricts it to those discussions."""
+        wanted = None if ids is None else sorted(set(ids))
+        after = -(2**63)
+        first = True
+        yield b"["
+        while True:
+            items, last = await self.db.read(lambda c: _export_batch(c, after, wanted))
+            if items:
+                yield (b"" if first else b",") + b",".join(items)
+                first = False
+            if last is None:
+                break
+            after = last
+        yield b"]"
