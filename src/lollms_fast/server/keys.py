@@ -14,3 +14,17 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", "SettingsService")
 SIO = web.AppKey("sio", socketio.AsyncServer)
 BACKEND = web.AppKey("backend", "Backend")
+
+# discussions, sessions and personalities (lollms REST)
+if TYPE_CHECKING:
+    from ..services.discussions import DiscussionService
+    from ..services.engine_control import EngineControl
+    from ..services.personalities import PersonalityService
+    from ..services.sessions import SessionStore
+    from ..storage.db import Database
+
+DATABASE = web.AppKey("database", "Database")
+SESSIONS = web.AppKey("sessions", "SessionStore")
+DISCUSSIONS = web.AppKey("discussions", "DiscussionService")
+PERSONALITIES = web.AppKey("personalities", "PersonalityService")
+ENGINE_CONTROL = web.AppKey("engine_control", "EngineControl[Any]")

@@ -1,0 +1,172 @@
+"""Discussions and messages for one client: creating, selecting, editing, exporting, importing.
+
+The client's current discussion and last message live in its `ClientSession`, never in a
+global; the rows live in the store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..errors import BadRequest, Conflict, NotFound
+from ..storage.discussions import (
+    MSG_CONDITIONING,
+    MSG_NORMAL,
+    DiscussionStore,
+    ImportedDiscussion,
+    ImportedMessage,
+    NewMessage,
+)
+from .history import branch, default_leaf, render_transcript
+from .personalities import PersonalityService
+from .sessions import ClientSession, SessionStore
+from .settings import SettingsService
+
+CONDITIONING_SENDER = "conditionner"  # the 2023 spelling, kept for compatibility
+
+
+class DiscussionService:
+    def __init__(self, store: DiscussionStore, sessions: SessionStore,
+                 personalities: PersonalityService, settings: SettingsService) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.personalities = personalities
+        self.settings = settings
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self.store.list()
+
+    async def new_discussion(self, session: ClientSession, title: str | None
+                             ) -> dict[str, Any]:
+        personality = await self.personalities.current()
+        now = _dt.datetime.now()
+        welcome = personality.welcome_message(now)
+        first = [NewMessage(CONDITIONING_SENDER, personality.conditioning(now),
+                            MSG_CONDITIONING, parent=0)]
+        if welcome:
+            first.append(NewMessage(personality.name, welcome, MSG_NORMAL))
+        discussion_id, ids = await self.store.create(title, first)
+        session.select(discussion_id, ids[-1])
+        return {"id": discussion_id, "time": now.strftime("%Y-%m-%d %H:%M:%S"),
+                "welcome_message": welcome, "sender": personality.name}
+
+    async def load(self, session: ClientSession, discussion_id: int) -> list[dict[str, Any]]:
+        messages = await self.store.messages(discussion_id)
+        if messages is None:
+            raise NotFound(f"discussion {discussion_id} not found")
+        session.select(discussion_id, messages[-1]["id"] if messages else None)
+        return messages
+
+    async def delete(self, discussion_id: int) -> None:
+        if not await self.store.delete(discussion_id):
+            raise NotFound(f"discussion {discussion_id} not found")
+        self.sessions.forget_discussion(discussion_id)
+
+    async def rename_current(self, session: ClientSession, title: str) -> int:
+        if session.discussion_id is None:
+            raise Conflict("no discussion is selected: create or load one first")
+        discussion_id = session.discussion_id
+        if not await self.store.rename(discussion_id, title):
+            session.select(None, None)
+            raise NotFound(f"discussion {discussion_id} no longer exists")
+        return discussion_id
+
+    async def edit_title(self, discussion_id: int, title: str) -> None:
+        if not await self.store.rename(discussion_id, title):
+            raise NotFound(f"discussion {discussion_id} not found")
+
+    async def update_message(self, message_id: int, content: str) -> None:
+        if not await self.store.update_content(message_id, content):
+            raise NotFound(f"message {message_id} not found")
+
+    async def change_rank(self, message_id: int, delta: int) -> int:
+        rank = await self.store.change_rank(message_id, delta)
+        if rank is None:
+            raise NotFound(f"message {message_id} not found")
+        return rank
+
+    async def delete_message(self, session: ClientSession, message_id: int) -> None:
+        discussion_id = await self.store.message_discussion(message_id)
+        if discussion_id is None or not await self.store.delete_message(message_id):
+            raise NotFound(f"message {message_id} not found")
+        if session.last_message_id == message_id:
+            session.last_message_id = await self.store.last_message_id(discussion_id)
+
+    async def check_exist(self, ids: Sequence[int]) -> None:
+        missing = await self.store.missing(ids)
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10])
+            raise NotFound(f"discussion(s) not found: {shown}")
+
+    def export(self, ids: Sequence[int] | None = None) -> AsyncIterator[bytes]:
+        return self.store.export(ids)
+
+    async def export_text(self, session: ClientSession, discussion_id: int | None) -> str:
+        if discussion_id is None:
+            if session.discussion_id is None:
+                raise Conflict("no discussion is selected: pass an id or load one first")
+            discussion_id = session.discussion_id
+        messages = await self.store.messages(discussion_id)
+        if messages is None:
+            raise NotFound(f"discussion {discussion_id} not found")
+        ids = {m["id"] for m in messages}
+        leaf = (session.last_message_id
+                if session.discussion_id == discussion_id and session.last_message_id in ids
+                else default_leaf(messages))
+        personality = await self.personalities.current()
+        return render_transcript(personality, branch(messages, leaf),
+                                 self.settings.config.nb_messages_to_remember)
+
+    async def import_many(self, raw: Any) -> list[int]:
+        return await self.store.import_many(parse_import(raw))
+
+
+# ------------------------------------------------------------------ import payload
+
+
+def _opt_int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise BadRequest(f"{what} must be an integer")
+    return value
+
+
+def _message(raw: Any, where: str) -> ImportedMessage:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"{where} must be an object")
+    sender, content = raw.get("sender"), raw.get("content")
+    if not isinstance(sender, str) or not isinstance(content, str):
+        raise BadRequest(f"{where} needs text fields 'sender' and 'content'")
+    created = raw.get("created_at")
+    if created is not None and not isinstance(created, str):
+        raise BadRequest(f"{where}.created_at must be text")
+    msg_type = _opt_int(raw.get("type"), f"{where}.type")
+    rank = _opt_int(raw.get("rank"), f"{where}.rank")
+    return ImportedMessage(
+        old_id=_opt_int(raw.get("id"), f"{where}.id"),
+        message=NewMessage(sender, content, MSG_NORMAL if msg_type is None else msg_type,
+                           rank or 0, _opt_int(raw.get("parent"), f"{where}.parent"),
+                           created))
+
+
+def parse_import(raw: Any) -> list[ImportedDiscussion]:
+    """The export format, checked whole before anything is written (BadRequest otherwise)."""
+    if not isinstance(raw, list):
+        raise BadRequest("jArray must be a list of discussions")
+    out: list[ImportedDiscussion] = []
+    for i, d in enumerate(raw):
+        where = f"jArray[{i}]"
+        if not isinstance(d, dict):
+            raise BadRequest(f"{where} must be an object")
+        title = d.get("title")
+        if title is not None and not isinstance(title, str):
+            raise BadRequest(f"{where}.title must be text or null")
+        messages = d.get("messages", [])
+        if not isinstance(messages, list):
+            raise BadRequest(f"{where}.messages must be a list")
+        out.append(ImportedDiscussion(
+            title, [_message(m, f"{where}.messages[{j}]") for j, m in enumerate(messages)]))
+    return out
