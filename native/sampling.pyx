@@ -1,17 +1,276 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Token sampling on a float32 logits row (native twin of lollms_fast._native.sampling_py)."""
+"""Token sampling on a float32 logits row (native twin of lollms_fast._native.sampling_py).
+
+The algorithm and its exact floating-point order are documented in sampling_py.py; both
+twins must return the same token for the same inputs (tests/test_sampling.py checks it).
+The work runs without the GIL on the row in place: the only writes are the repeat penalty's.
+"""
+
+from libc.math cimport exp
+from libc.stdint cimport int32_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort, realloc
+
+
+cdef struct Cand:
+    float logit
+    int32_t id
+
+
+cdef inline bint _better(float la, int32_t ia, float lb, int32_t ib) noexcept nogil:
+    return la > lb or (la == lb and ia < ib)
+
+
+cdef int _cmp_cand(const void* a, const void* b) noexcept nogil:
+    cdef const Cand* x = <const Cand*>a
+    cdef const Cand* y = <const Cand*>b
+    if x.logit > y.logit:
+        return -1
+    if x.logit < y.logit:
+        return 1
+    return (x.id > y.id) - (x.id < y.id)
+
+
+cdef int _cmp_int(const void* a, const void* b) noexcept nogil:
+    cdef int32_t x = (<const int32_t*>a)[0]
+    cdef int32_t y = (<const int32_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef inline void _sift_down(Cand* h, Py_ssize_t k, Py_ssize_t i) noexcept nogil:
+    # a heap whose root is the *worst* kept candidate
+    cdef Cand item = h[i]
+    cdef Py_ssize_t child
+    while True:
+        child = 2 * i + 1
+        if child >= k:
+            break
+        if child + 1 < k and _better(h[child].logit, h[child].id,
+                                     h[child + 1].logit, h[child + 1].id):
+            child += 1
+        if _better(item.logit, item.id, h[child].logit, h[child].id):
+            h[i] = h[child]
+            i = child
+        else:
+            break
+    h[i] = item
+
+
+cdef void _select_top(const float* x, Py_ssize_t n, Py_ssize_t k, Cand* out) noexcept nogil:
+    """The k best (logit desc, id asc) of x[0:n] into out[0:k], sorted. One pass, no full sort."""
+    cdef Py_ssize_t i
+    for i in range(k):
+        out[i].logit = x[i]
+        out[i].id = <int32_t>i
+    i = k // 2 - 1
+    while i >= 0:
+        _sift_down(out, k, i)
+        i -= 1
+    cdef float worst = out[0].logit
+    # later ids never win a tie, so a strict comparison is the whole test
+    for i in range(k, n):
+        if x[i] > worst:
+            out[0].logit = x[i]
+            out[0].id = <int32_t>i
+            _sift_down(out, k, 0)
+            worst = out[0].logit
+    qsort(out, k, sizeof(Cand), _cmp_cand)
+
+
+cdef inline Py_ssize_t _argmax(const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, best = 0
+    cdef float best_value = x[0]
+    for i in range(1, n):
+        if x[i] > best_value:
+            best_value = x[i]
+            best = i
+    return best
 
 
 cpdef int greedy(const float[::1] logits) noexcept nogil:
     """Index of the largest logit (the first one on ties); -1 for an empty row."""
     cdef Py_ssize_t n = logits.shape[0]
-    cdef Py_ssize_t i, best = 0
-    cdef float best_value
     if n == 0:
         return -1
-    best_value = logits[0]
-    for i in range(1, n):
-        if logits[i] > best_value:
-            best_value = logits[i]
-            best = i
-    return <int>best
+    return <int>_argmax(&logits[0], n)
+
+
+cdef class Sampler:
+    """One slot's sampler: parameters, the recent-token window and the RNG stream."""
+
+    cdef readonly double temperature
+    cdef readonly int top_k
+    cdef readonly double top_p
+    cdef readonly float repeat_penalty
+    cdef readonly int repeat_last_n
+    cdef int32_t* _ring
+    cdef int32_t* _scratch
+    cdef Py_ssize_t _ring_len
+    cdef Py_ssize_t _ring_pos
+    cdef Cand* _cand
+    cdef Py_ssize_t _cand_cap
+    cdef uint64_t _state
+
+    def __cinit__(self, double temperature=0.0, int top_k=40, double top_p=0.95,
+                  float repeat_penalty=1.0, int repeat_last_n=64, seed=0):
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.repeat_penalty = repeat_penalty
+        self.repeat_last_n = repeat_last_n if repeat_last_n > 0 else 0
+        self._state = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        if self.repeat_last_n > 0:
+            self._ring = <int32_t*>malloc(self.repeat_last_n * sizeof(int32_t))
+            self._scratch = <int32_t*>malloc(self.repeat_last_n * sizeof(int32_t))
+            if self._ring == NULL or self._scratch == NULL:
+                raise MemoryError()
+
+    def __dealloc__(self):
+        free(self._ring)
+        free(self._scratch)
+        free(self._cand)
+
+    cpdef void accept(self, int token):
+        """Record a token (prompt or generated) in the repeat-penalty window."""
+        if self.repeat_last_n > 0:
+            self._ring[self._ring_pos] = token
+            self._ring_pos = (self._ring_pos + 1) % self.repeat_last_n
+            if self._ring_len < self.repeat_last_n:
+                self._ring_len += 1
+
+    def accept_many(self, tokens):
+        cdef int t
+        for t in tokens:
+            self.accept(t)
+
+    def sample(self, float[::1] logits):
+        """Pick the next token from a float32 row (modified in place by the penalty)."""
+        cdef Py_ssize_t n = logits.shape[0]
+        cdef int result
+        if n == 0:
+            return -1
+        with nogil:
+            result = self._sample(&logits[0], n)
+        if result == -2:
+            raise MemoryError()
+        return result
+
+    cdef inline double _uniform(self) noexcept nogil:
+        cdef uint64_t z
+        self._state += <uint64_t>0x9E3779B97F4A7C15
+        z = self._state
+        z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
+        z = z ^ (z >> 31)
+        return <double>(z >> 11) * (1.0 / 9007199254740992.0)
+
+    cdef bint _reserve(self, Py_ssize_t k) noexcept nogil:
+        cdef Cand* grown
+        if k <= self._cand_cap:
+            return True
+        grown = <Cand*>realloc(self._cand, k * sizeof(Cand))
+        if grown == NULL:
+            return False
+        self._cand = grown
+        self._cand_cap = k
+        return True
+
+    cdef void _apply_penalty(self, float* x, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t i, m = self._ring_len
+        cdef int32_t t, prev = -1
+        cdef float v, pen = self.repeat_penalty
+        if m == 0 or pen == 1.0:
+            return
+        for i in range(m):
+            self._scratch[i] = self._ring[i]
+        qsort(self._scratch, m, sizeof(int32_t), _cmp_int)
+        for i in range(m):
+            t = self._scratch[i]
+            if t == prev or t < 0 or t >= n:
+                prev = t
+                continue
+            prev = t
+            v = x[t]
+            if v <= 0:
+                x[t] = v * pen
+            else:
+                x[t] = v / pen
+
+    cdef int _sample(self, float* x, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t k, m, j, i
+        cdef double u, top, total, cum
+        self._apply_penalty(x, n)
+        if self.temperature <= 0.0:
+            return <int>_argmax(x, n)
+        u = self._uniform()
+        if self.top_k <= 0 and self.top_p >= 1.0:
+            return self._sample_unsorted(x, n, u)
+        if self.top_k > 0:
+            k = self.top_k if self.top_k < n else n
+            if not self._reserve(k):
+                return -2
+            _select_top(x, n, k, self._cand)
+            m = k
+            if self.top_p < 1.0:
+                top = self._cand[0].logit
+                total = 0.0
+                for j in range(k):
+                    total += exp(<double>self._cand[j].logit - top)
+                cum = 0.0
+                for j in range(k):
+                    cum += exp(<double>self._cand[j].logit - top)
+                    if cum / total >= self.top_p:
+                        m = j + 1
+                        break
+        else:
+            # top-p over the whole row: grow the partial selection until it holds the mass
+            top = x[_argmax(x, n)]
+            total = 0.0
+            for i in range(n):
+                total += exp(<double>x[i] - top)
+            k = 64 if n > 64 else n
+            while True:
+                if not self._reserve(k):
+                    return -2
+                _select_top(x, n, k, self._cand)
+                m = -1
+                cum = 0.0
+                for j in range(k):
+                    cum += exp(<double>self._cand[j].logit - top)
+                    if cum / total >= self.top_p:
+                        m = j + 1
+                        break
+                if m > 0:
+                    break
+                if k == n:
+                    m = n
+                    break
+                k = k * 4 if k * 4 < n else n
+        return self._cand[self._pick(m, u)].id
+
+    cdef Py_ssize_t _pick(self, Py_ssize_t m, double u) noexcept nogil:
+        cdef double top = self._cand[0].logit
+        cdef double temp = self.temperature
+        cdef double total = 0.0, cum = 0.0, r
+        cdef Py_ssize_t j
+        for j in range(m):
+            total += exp((<double>self._cand[j].logit - top) / temp)
+        r = u * total
+        for j in range(m):
+            cum += exp((<double>self._cand[j].logit - top) / temp)
+            if cum > r:
+                return j
+        return m - 1
+
+    cdef int _sample_unsorted(self, const float* x, Py_ssize_t n, double u) noexcept nogil:
+        cdef double top = x[_argmax(x, n)]
+        cdef double temp = self.temperature
+        cdef double total = 0.0, cum = 0.0, r
+        cdef Py_ssize_t i
+        for i in range(n):
+            total += exp((<double>x[i] - top) / temp)
+        r = u * total
+        for i in range(n):
+            cum += exp((<double>x[i] - top) / temp)
+            if cum > r:
+                return <int>i
+        return <int>(n - 1)

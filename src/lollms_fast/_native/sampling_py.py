@@ -1,9 +1,33 @@
-"""Pure-Python twin of the native sampling module (same results, used as the test oracle)."""
+"""Pure-Python twin of the native sampling module (same results, used as the test oracle).
+
+The algorithm, shared bit for bit with native/sampling.pyx:
+
+1. repeat penalty: each *distinct* token among the last `repeat_last_n` accepted tokens has
+   its logit multiplied by the penalty if <= 0, divided by it otherwise (float32, in place);
+2. temperature <= 0: greedy, the first index of the largest logit;
+3. candidates: the `top_k` best logits (all of them when top_k <= 0), ordered by logit
+   descending then token id ascending (a total order, so both twins agree on ties);
+4. top-p at temperature 1: keep the shortest head whose cumulative probability (exp in double,
+   summed in candidate order; normalized over the candidates, or over the whole row when
+   top_k <= 0) reaches `top_p`;
+5. temperature: weights exp((l - l_max) / T) in double over the kept head, summed in order;
+   a uniform draw u in [0, 1) from the per-sampler splitmix64 stream picks the first
+   candidate whose cumulative weight exceeds u * total.
+
+Logits must be finite (or -inf); NaN ordering is not specified.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Iterable
+
 import numpy as np
 import numpy.typing as npt
+
+_MASK64 = (1 << 64) - 1
+_TWO_POW_53_INV = 1.0 / 9007199254740992.0
 
 
 def greedy(logits: npt.NDArray[np.float32]) -> int:
@@ -11,3 +35,117 @@ def greedy(logits: npt.NDArray[np.float32]) -> int:
     if len(logits) == 0:
         return -1
     return int(np.argmax(logits))
+
+
+class SplitMix64:
+    """The 64-bit generator both twins use (Steele, Lea & Flood's splitmix64)."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _MASK64
+
+    def next_u64(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def uniform(self) -> float:
+        return (self.next_u64() >> 11) * _TWO_POW_53_INV
+
+
+class Sampler:
+    """One slot's sampler: parameters, the recent-token window and the RNG stream."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                 repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int = 0) -> None:
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+        self.repeat_penalty = np.float32(repeat_penalty)
+        self.repeat_last_n = max(0, int(repeat_last_n))
+        self._recent: deque[int] = deque(maxlen=self.repeat_last_n or 1)
+        self._rng = SplitMix64(seed)
+
+    def accept(self, token: int) -> None:
+        """Record a token (prompt or generated) in the repeat-penalty window."""
+        if self.repeat_last_n > 0:
+            self._recent.append(int(token))
+
+    def accept_many(self, tokens: Iterable[int]) -> None:
+        for t in tokens:
+            self.accept(t)
+
+    def sample(self, logits: npt.NDArray[np.float32]) -> int:
+        """Pick the next token from a float32 row (modified in place by the penalty)."""
+        n = len(logits)
+        if n == 0:
+            return -1
+        self._apply_penalty(logits)
+        if self.temperature <= 0.0:
+            return greedy(logits)
+        u = self._rng.uniform()
+        if self.top_k <= 0 and self.top_p >= 1.0:
+            return _sample_unsorted(logits, self.temperature, u)
+        order = np.argsort(-logits, kind="stable")  # descending, ties by ascending id
+        if self.top_k > 0:
+            order = order[: min(self.top_k, n)]
+        values = [float(logits[i]) for i in order]
+        m = len(values)
+        if self.top_p < 1.0:
+            top = values[0]
+            if self.top_k > 0:
+                total = 0.0
+                for v in values:
+                    total += math.exp(v - top)
+            else:
+                total = 0.0
+                for x in logits:
+                    total += math.exp(float(x) - top)
+            cum = 0.0
+            for j, v in enumerate(values):
+                cum += math.exp(v - top)
+                if cum / total >= self.top_p:
+                    m = j + 1
+                    break
+        return int(order[_pick(values, m, self.temperature, u)])
+
+    def _apply_penalty(self, logits: npt.NDArray[np.float32]) -> None:
+        if self.repeat_last_n <= 0 or self.repeat_penalty == np.float32(1.0):
+            return
+        n = len(logits)
+        pen = self.repeat_penalty
+        for t in sorted(set(self._recent)):
+            if 0 <= t < n:
+                v = logits[t]
+                logits[t] = v * pen if v <= 0 else v / pen
+
+
+def _pick(values: list[float], m: int, temperature: float, u: float) -> int:
+    top = values[0]
+    weights = [math.exp((values[j] - top) / temperature) for j in range(m)]
+    total = 0.0
+    for w in weights:
+        total += w
+    r = u * total
+    cum = 0.0
+    for j, w in enumerate(weights):
+        cum += w
+        if cum > r:
+            return j
+    return m - 1
+
+
+def _sample_unsorted(logits: npt.NDArray[np.float32], temperature: float, u: float) -> int:
+    top = float(logits[greedy(logits)])
+    weights = [math.exp((float(x) - top) / temperature) for x in logits]
+    total = 0.0
+    for w in weights:
+        total += w
+    r = u * total
+    cum = 0.0
+    for j, w in enumerate(weights):
+        cum += w
+        if cum > r:
+            return j
+    return len(weights) - 1

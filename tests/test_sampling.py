@@ -1,0 +1,110 @@
+"""Native sampler vs its pure-Python twin (identical tokens), and what sampling must do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lollms_fast._native import sampling_py
+
+native = pytest.importorskip("lollms_fast._native._sampling")
+TWINS = [native, sampling_py]
+
+logit_rows = hnp.arrays(
+    np.float32, st.integers(1, 400),
+    elements=st.floats(-30, 30, width=32, allow_nan=False),
+)
+sampler_params = st.fixed_dictionaries({
+    "temperature": st.sampled_from([0.0, 0.1, 0.7, 0.9, 1.0, 2.0]),
+    "top_k": st.sampled_from([0, 1, 2, 5, 50, 1000]),
+    "top_p": st.sampled_from([0.1, 0.5, 0.95, 1.0]),
+    "repeat_penalty": st.sampled_from([1.0, 1.1, 1.2, 2.0]),
+    "repeat_last_n": st.sampled_from([0, 1, 40, 64]),
+    "seed": st.integers(0, 2**64 - 1),
+})
+
+
+@given(logit_rows)
+def test_greedy_twins_agree(row: np.ndarray) -> None:
+    assert native.greedy(row) == sampling_py.greedy(row) == int(np.argmax(row))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(row=logit_rows, params=sampler_params, history=st.lists(st.integers(0, 450), max_size=80),
+       steps=st.integers(1, 4))
+def test_sampler_twins_pick_the_same_tokens(row: np.ndarray, params: dict, history: list[int],
+                                            steps: int) -> None:
+    a, b = native.Sampler(**params), sampling_py.Sampler(**params)
+    a.accept_many(history)
+    b.accept_many(history)
+    for _ in range(steps):
+        ra, rb = row.copy(), row.copy()
+        token_a, token_b = a.sample(ra), b.sample(rb)
+        assert token_a == token_b
+        assert np.array_equal(ra, rb)  # the same in-place penalty, bit for bit
+        a.accept(token_a)
+        b.accept(token_b)
+
+
+def test_twins_agree_on_a_full_size_vocabulary_row() -> None:
+    rng = np.random.default_rng(7)
+    row = (rng.standard_normal(262_144) * 4).astype(np.float32)
+    params = dict(temperature=0.9, top_k=50, top_p=0.95, repeat_penalty=1.2, repeat_last_n=40)
+    for seed in range(5):
+        a, b = native.Sampler(seed=seed, **params), sampling_py.Sampler(seed=seed, **params)
+        a.accept_many(range(0, 4000, 100))
+        b.accept_many(range(0, 4000, 100))
+        assert a.sample(row.copy()) == b.sample(row.copy())
+
+
+@pytest.mark.parametrize("impl", TWINS, ids=["native", "python"])
+class TestSampler:
+    def test_temperature_zero_is_greedy(self, impl) -> None:
+        row = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+        assert impl.Sampler(temperature=0.0, repeat_penalty=1.0).sample(row) == 1
+
+    def test_top_k_one_is_greedy_at_any_temperature(self, impl) -> None:
+        row = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+        for seed in range(20):
+            assert impl.Sampler(temperature=5.0, top_k=1, seed=seed).sample(row.copy()) == 1
+
+    def test_only_top_k_tokens_are_ever_drawn(self, impl) -> None:
+        row = np.arange(100, dtype=np.float32) / 10  # the best are the highest ids
+        s = impl.Sampler(temperature=50.0, top_k=3, top_p=1.0, repeat_penalty=1.0, seed=3)
+        drawn = {s.sample(row.copy()) for _ in range(300)}
+        assert drawn == {97, 98, 99}
+
+    def test_top_p_keeps_the_smallest_head_holding_the_mass(self, impl) -> None:
+        # probabilities at temperature 1: about 0.84, 0.11, 0.04, ...
+        row = np.array([5.0, 3.0, 2.0, 0.0, 0.0], dtype=np.float32)
+        s = impl.Sampler(temperature=1.0, top_k=0, top_p=0.9, repeat_penalty=1.0, seed=1)
+        assert {s.sample(row.copy()) for _ in range(300)} == {0, 1}
+
+    def test_draws_follow_the_softmax(self, impl) -> None:
+        row = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+        s = impl.Sampler(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=11)
+        counts = np.bincount([s.sample(row.copy()) for _ in range(3000)], minlength=3) / 3000
+        assert np.allclose(counts, [0.5, 0.3, 0.2], atol=0.04)
+
+    def test_same_seed_same_stream_other_seed_other_stream(self, impl) -> None:
+        row = np.zeros(1000, dtype=np.float32)
+
+        def draws(seed: int) -> list[int]:
+            s = impl.Sampler(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0, seed=seed)
+            return [s.sample(row.copy()) for _ in range(20)]
+
+        assert draws(42) == draws(42)
+        assert draws(42) != draws(43)
+
+    def test_repeat_penalty_applies_once_per_distinct_recent_token(self, impl) -> None:
+        row = np.array([2.5, 2.0, -1.0, 0.5], dtype=np.float32)
+        s = impl.Sampler(temperature=0.0, repeat_penalty=2.0, repeat_last_n=3)
+        s.accept_many([3, 0, 0, 2])  # the window keeps the last 3: 0, 0, 2
+        assert s.sample(row) == 1
+        assert row.tolist() == [1.25, 2.0, -2.0, 0.5]
+
+    def test_empty_row(self, impl) -> None:
+        assert impl.Sampler().sample(np.zeros(0, dtype=np.float32)) == -1
