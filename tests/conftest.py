@@ -46,3 +46,23 @@ def make_config(tmp_path: Path, default_model_path: Path) -> Callable[..., Confi
 @pytest.fixture
 def model_name() -> str:
     return DEFAULT_MODEL_FILE
+
+
+# ---------------------------------------------------------------- lollms REST servers
+
+REST_BODY_LIMIT = 64 * 1024
+
+
+@pytest.fixture
+async def rest_client(aiohttp_client: Any, make_config: Callable[..., Config]) -> Any:
+    """A real server on an ephemeral port with a real SQLite file, no model (REST tests)."""
+    from lollms_fast.app import build_app
+
+    config = make_config(max_body_size=REST_BODY_LIMIT)
+    return await aiohttp_client(build_app(config, backend_factory=None))
+
+
+@pytest.fixture
+async def other_client(aiohttp_client: Any, rest_client: Any) -> Any:
+    """A second client (its own cookie jar) of the same server."""
+    return await aiohttp_client(rest_client.server)

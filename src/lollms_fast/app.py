@@ -1,28 +1,50 @@
 """`build_app(config)`: the aiohttp application with Socket.IO, routes and middlewares.
 
-Resources (the model, later the database) are opened in `cleanup_ctx` and closed in reverse
-order on shutdown; nothing blocking runs on the event loop.
+Resources (the database, the model engine) are opened in `cleanup_ctx` and closed in
+reverse order on shutdown; nothing blocking runs on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 
 from .config import DEFAULT_MODEL_FILE, Config
 from .engine.backend import Backend, BackendParams
 from .modelfiles import resolve_model
-from .server import middlewares, routes_settings
-from .server.keys import BACKEND, SETTINGS, SIO
+from .personalities.loader import PersonalityLibrary
+from .server import (
+    middlewares,
+    routes_discussions,
+    routes_listing,
+    routes_settings,
+    routes_static,
+)
+from .server.keys import (
+    DATABASE,
+    DISCUSSIONS,
+    ENGINE_CONTROL,
+    PERSONALITIES,
+    SESSIONS,
+    SETTINGS,
+    SIO,
+)
+from .server.session import session_middleware
 from .server.sockets import create_socketio
+from .services.discussions import DiscussionService
+from .services.engine_control import EngineControl
+from .services.personalities import PersonalityService
+from .services.sessions import SessionStore
 from .services.settings import SettingsService
+from .storage.db import Database
+from .storage.discussions import DiscussionStore
 
 log = logging.getLogger("lollms_fast")
 
-BackendFactory = Callable[[Config], Backend]
+EngineLoader = Callable[[Config], Any]
 
 
 def backend_params(config: Config) -> BackendParams:
@@ -37,11 +59,17 @@ def backend_params(config: Config) -> BackendParams:
     )
 
 
-def load_backend(config: Config) -> Backend:
+def load_engine(config: Config) -> Backend:
+    """The one seam between the server and the model engine (blocking; run in a thread).
+    Whatever it returns must have `.close()`."""
     return Backend(backend_params(config))
 
 
-def build_app(config: Config, *, backend_factory: BackendFactory | None = load_backend
+def close_engine(engine: Any) -> None:
+    engine.close()
+
+
+def build_app(config: Config, *, backend_factory: EngineLoader | None = load_engine
               ) -> web.Application:
     """The whole server. `backend_factory=None` starts without a model (protocol tests)."""
     app = web.Application(
@@ -50,26 +78,46 @@ def build_app(config: Config, *, backend_factory: BackendFactory | None = load_b
             middlewares.access_log_middleware,
             middlewares.errors_middleware,
             middlewares.api_key_middleware,
+            session_middleware,
         ],
     )
-    app[SETTINGS] = SettingsService(config)
+    library = PersonalityLibrary(config.personalities_dir)
+    engine: EngineControl[Any] = EngineControl(backend_factory, close_engine)
+    settings = SettingsService(config, library=library, engine=engine)
+    personalities = PersonalityService(library, settings)
+    # Socket.IO handlers find the HTTP session from the connect environ's cookie here
+    sessions = SessionStore()
+    database = Database(config.database_path, durable=config.durable)
+    app[SETTINGS] = settings
+    app[ENGINE_CONTROL] = engine
+    app[PERSONALITIES] = personalities
+    app[SESSIONS] = sessions
+    app[DATABASE] = database
+    app[DISCUSSIONS] = DiscussionService(DiscussionStore(database), sessions, personalities,
+                                         settings)
+
     sio = create_socketio(config)
     sio.attach(app)
     app[SIO] = sio
     app.add_routes(routes_settings.routes)
+    app.add_routes(routes_listing.routes)
+    app.add_routes(routes_discussions.routes)
+    app.add_routes(routes_static.routes)  # last: holds the /{filename} catch-all
 
-    async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
-        backend = None
-        if backend_factory is not None:
-            backend = await asyncio.to_thread(backend_factory, app[SETTINGS].config)
-            app[BACKEND] = backend
+    async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+        await database.start()
         yield
-        if backend is not None:
-            await asyncio.to_thread(backend.close)
+        await database.close()
+
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        await engine.start(settings.config)
+        yield
+        await engine.stop()
 
     async def close_sockets(app: web.Application) -> None:
         await sio.shutdown()
 
-    app.cleanup_ctx.append(backend_ctx)
+    app.cleanup_ctx.append(storage_ctx)
+    app.cleanup_ctx.append(engine_ctx)
     app.on_shutdown.append(close_sockets)
     return app

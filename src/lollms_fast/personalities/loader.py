@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import NotFound
 from .model import Personality, PersonalityError
 
 log = logging.getLogger("lollms_fast.personalities")
@@ -82,6 +83,30 @@ class PersonalityLibrary:
         """Personality folders that load (broken ones are left out)."""
         return [name for name in sorted(self._subdirs(language, category))
                 if self.get(language, category, name) is not None]
+
+    def select(self, current: tuple[str, str, str], language: str | None = None,
+               category: str | None = None, folder: str | None = None
+               ) -> tuple[str, str, str]:
+        """(language, category, folder) after choosing some of them. A level given must exist
+        (NotFound otherwise); a level left out keeps `current`'s value if it still exists under
+        the new choice, else falls back to `general` / the first one available, so the three
+        config keys always name a personality together."""
+        lang = current[0] if language is None else language
+        if language is not None and language not in self.languages():
+            raise NotFound(f"unknown personality language {language!r}")
+        categories = self.categories(lang)
+        cat = current[1] if category is None else category
+        if category is not None and category not in categories:
+            raise NotFound(f"unknown personality category {category!r} for {lang}")
+        if cat not in categories and categories:
+            cat = "general" if "general" in categories else categories[0]
+        folders = self.folders(lang, cat)
+        name = current[2] if folder is None else folder
+        if folder is not None and folder not in folders:
+            raise NotFound(f"unknown personality {folder!r} in {lang}/{cat}")
+        if name not in folders and folders:
+            name = folders[0]
+        return lang, cat, name
 
     # ------------------------------------------------------------ loading
 

@@ -1,10 +1,14 @@
-"""Settings routes (section 3 and /get_config of the SPEC)."""
+"""Settings, binding, model and personality routes (SPEC section 3, and /get_config).
+
+The logic lives in `SettingsService`, shared with the Socket.IO events of the same names.
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from .keys import SETTINGS
+from .requests import query_str, read_json_object, require_field
 from .responses import json_response
 
 routes = web.RouteTableDef()
@@ -13,3 +17,52 @@ routes = web.RouteTableDef()
 @routes.get("/get_config")
 async def get_config(request: web.Request) -> web.Response:
     return json_response(request.app[SETTINGS].config.to_dict())
+
+
+@routes.post("/update_setting")
+async def update_setting(request: web.Request) -> web.Response:
+    reply, status = await request.app[SETTINGS].update_setting(await read_json_object(request))
+    return json_response(reply, status=status)
+
+
+@routes.post("/save_settings")
+async def save_settings(request: web.Request) -> web.Response:
+    reply = await request.app[SETTINGS].save_reply()
+    return json_response(reply, status=200 if reply["status"] else 500)
+
+
+@routes.post("/apply_settings")
+async def apply_settings(request: web.Request) -> web.Response:
+    return json_response(await request.app[SETTINGS].apply_pending())
+
+
+@routes.get("/set_personality_language")
+async def set_personality_language(request: web.Request) -> web.Response:
+    language = query_str(request, "language")
+    await request.app[SETTINGS].switch({"personality_language": language})
+    return json_response({"status": True})
+
+
+@routes.get("/set_personality_category")
+async def set_personality_category(request: web.Request) -> web.Response:
+    category = query_str(request, "category")
+    await request.app[SETTINGS].switch({"personality_category": category})
+    return json_response({"status": True})
+
+
+@routes.post("/set_binding")
+async def set_binding(request: web.Request) -> web.Response:
+    binding = require_field(await read_json_object(request), "binding", str)
+    return json_response(await request.app[SETTINGS].switch({"binding": binding}))
+
+
+@routes.post("/set_model")
+async def set_model(request: web.Request) -> web.Response:
+    model = require_field(await read_json_object(request), "model", str)
+    return json_response(await request.app[SETTINGS].switch({"model": model}))
+
+
+@routes.post("/update_model_params")
+async def update_model_params(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    return json_response(await request.app[SETTINGS].update_model_params(body))

@@ -7,7 +7,7 @@ global; the rows live in the store.
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from ..errors import BadRequest, Conflict, NotFound
@@ -100,7 +100,7 @@ class DiscussionService:
             shown = ", ".join(str(i) for i in missing[:10])
             raise NotFound(f"discussion(s) not found: {shown}")
 
-    def export(self, ids: Sequence[int] | None = None) -> AsyncIterator[bytes]:
+    def export(self, ids: Sequence[int] | None = None) -> AsyncGenerator[bytes, None]:
         return self.store.export(ids)
 
     async def export_text(self, session: ClientSession, discussion_id: int | None) -> str:

@@ -55,13 +55,17 @@ class Database:
     @classmethod
     async def open(cls, path: Path, *, durable: bool = False, readers: int = 4) -> Database:
         db = cls(path, durable=durable, readers=readers)
+        await db.start()
+        return db
+
+    async def start(self) -> None:
+        """Open the writer connection and migrate the schema (on the writer thread)."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(db._writer_pool, db._open_writer)
+            await loop.run_in_executor(self._writer_pool, self._open_writer)
         except BaseException:
-            db._shutdown_pools()
+            self._shutdown_pools()
             raise
-        return db
 
     def _open_writer(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ async face the services use.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,19 +274,18 @@ class DiscussionStore:
     async def import_many(self, discussions: Sequence[ImportedDiscussion]) -> list[int]:
         return await self.db.write(lambda c: import_discussions(c, discussions))
 
-    async def export(self, ids: Sequence[int] | None = None) -> AsyncIterator[bytes]:
+    async def export(self, ids: Sequence[int] | None = None) -> AsyncGenerator[bytes, None]:
         """The export JSON array, in pieces of at most EXPORT_BATCH discussions: memory stays
         bounded however large the database is. `ids` restricts it to those discussions."""
         wanted = None if ids is None else sorted(set(ids))
         after = -(2**63)
-        first = True
-        yield b"["
+        head = b"["  # sent with the first batch, so a failing first read sends nothing
         while True:
             items, last = await self.db.read(lambda c: _export_batch(c, after, wanted))
             if items:
-                yield (b"" if first else b",") + b",".join(items)
-                first = False
+                yield head + b",".join(items)
+                head = b","
             if last is None:
                 break
             after = last
-        yield b"]"
+        yield (b"[" if head == b"[" else b"") + b"]"

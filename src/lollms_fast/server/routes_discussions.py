@@ -1,0 +1,142 @@
+"""Discussion and message routes (SPEC section 2), acting on the client's own session."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from aiohttp import web
+
+from ..errors import BadRequest
+from .keys import DISCUSSIONS
+from .requests import parse_int, query_int, query_str, read_json_object, require_field
+from .responses import JSON_CONTENT_TYPE, json_response
+from .session import client_session
+
+routes = web.RouteTableDef()
+
+OK = {"status": True}
+
+
+@routes.get("/new_discussion")
+async def new_discussion(request: web.Request) -> web.Response:
+    title = query_str(request, "title", required=False)
+    result = await request.app[DISCUSSIONS].new_discussion(client_session(request), title)
+    return json_response(result)
+
+
+@routes.post("/load_discussion")
+async def load_discussion(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    discussion_id = parse_int("id", require_field(data, "id", (int, str)))
+    messages = await request.app[DISCUSSIONS].load(client_session(request), discussion_id)
+    return json_response(messages)
+
+
+@routes.post("/delete_discussion")
+async def delete_discussion(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    discussion_id = parse_int("id", require_field(data, "id", (int, str)))
+    await request.app[DISCUSSIONS].delete(discussion_id)
+    return json_response(OK)
+
+
+@routes.post("/rename")
+async def rename(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    title = require_field(data, "title", str)
+    await request.app[DISCUSSIONS].rename_current(client_session(request), title)
+    return json_response(OK)
+
+
+@routes.post("/edit_title")
+async def edit_title(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    discussion_id = parse_int("id", require_field(data, "id", (int, str)))
+    title = require_field(data, "title", str)
+    await request.app[DISCUSSIONS].edit_title(discussion_id, title)
+    return json_response(OK)
+
+
+@routes.get("/update_message")
+async def update_message(request: web.Request) -> web.Response:
+    message_id = query_int(request, "id")
+    content = query_str(request, "message")
+    assert content is not None
+    await request.app[DISCUSSIONS].update_message(message_id, content)
+    return json_response(OK)
+
+
+async def _rank(request: web.Request, delta: int) -> web.Response:
+    new_rank = await request.app[DISCUSSIONS].change_rank(query_int(request, "id"), delta)
+    return json_response({"status": True, "new_rank": new_rank})
+
+
+@routes.get("/message_rank_up")
+async def message_rank_up(request: web.Request) -> web.Response:
+    return await _rank(request, 1)
+
+
+@routes.get("/message_rank_down")
+async def message_rank_down(request: web.Request) -> web.Response:
+    return await _rank(request, -1)
+
+
+@routes.get("/delete_message")
+async def delete_message(request: web.Request) -> web.Response:
+    await request.app[DISCUSSIONS].delete_message(client_session(request),
+                                                  query_int(request, "id"))
+    return json_response(OK)
+
+
+async def _stream_export(request: web.Request, ids: list[int] | None) -> web.StreamResponse:
+    service = request.app[DISCUSSIONS]
+    chunks = service.export(ids)
+    # read the first piece before answering, so a database error is still a clean 5xx JSON
+    async with aclosing(chunks):
+        first = await anext(chunks)
+        response = web.StreamResponse(headers={"Cache-Control": "no-store"})
+        response.content_type = JSON_CONTENT_TYPE
+        response.charset = "utf-8"
+        await response.prepare(request)
+        await response.write(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+@routes.get("/export")
+async def export(request: web.Request) -> web.StreamResponse:
+    return await _stream_export(request, None)
+
+
+@routes.post("/export_multiple_discussions")
+async def export_multiple_discussions(request: web.Request) -> web.StreamResponse:
+    data = await read_json_object(request)
+    raw_ids = require_field(data, "discussion_ids", list)
+    ids = [parse_int("discussion_ids[]", v) for v in raw_ids]
+    await request.app[DISCUSSIONS].check_exist(ids)
+    return await _stream_export(request, ids)
+
+
+@routes.get("/export_discussion")
+async def export_discussion(request: web.Request) -> web.Response:
+    raw = query_str(request, "id", required=False)
+    discussion_id = None if raw in (None, "") else parse_int("id", raw)
+    text = await request.app[DISCUSSIONS].export_text(client_session(request), discussion_id)
+    return json_response({"discussion_text": text})
+
+
+@routes.post("/import_multiple_discussions")
+async def import_multiple_discussions(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    if "jArray" not in data:
+        raise BadRequest("field 'jArray' is required")
+    ids = await request.app[DISCUSSIONS].import_many(data["jArray"])
+    return json_response({"status": True, "ids": ids})
+
+
+@routes.get("/stop_gen")
+async def stop_gen(request: web.Request) -> web.Response:
+    client_session(request).request_stop()
+    return json_response(OK)
