@@ -359,3 +359,15 @@ async def test_oversize_body_is_413(rest_client: TestClient, route: str) -> None
     err = await ok_json(resp, 413)
     assert err["status"] is False
     assert await snapshot(rest_client) == before
+
+
+async def test_listings_round_trip_awkward_text(rest_client: TestClient) -> None:
+    """list/load JSON is built by SQLite: quotes, escapes, control characters, emoji and
+    non-BMP text must come back exactly."""
+    awkward = 'q"uote \\ back\nnew\ttab \x01 \u2028 é 😀 𝄞 </script>'
+    d = (await new_discussion(rest_client, awkward))["id"]
+    await add_message(rest_client, d, awkward, awkward, None)
+    listed = await ok_json(await rest_client.get("/list_discussions"))
+    assert listed == [{"id": d, "title": awkward}]
+    last = (await load(rest_client, d))[-1]
+    assert last["content"] == awkward and last["sender"] == awkward and last["parent"] is None

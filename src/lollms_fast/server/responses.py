@@ -19,5 +19,11 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     )
 
 
+def json_bytes_response(body: bytes, status: int = 200) -> web.Response:
+    """A body that is already JSON (built by SQLite for the large listings)."""
+    return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE,
+                        charset="utf-8")
+
+
 def error_response(message: str, status: int) -> web.Response:
     return json_response({"status": False, "error": message}, status=status)

@@ -9,7 +9,7 @@ from aiohttp import web
 from ..errors import BadRequest
 from .keys import DISCUSSIONS
 from .requests import parse_int, query_int, query_str, read_json_object, require_field
-from .responses import JSON_CONTENT_TYPE, json_response
+from .responses import JSON_CONTENT_TYPE, json_bytes_response, json_response
 from .session import client_session
 
 routes = web.RouteTableDef()
@@ -28,8 +28,8 @@ async def new_discussion(request: web.Request) -> web.Response:
 async def load_discussion(request: web.Request) -> web.Response:
     data = await read_json_object(request)
     discussion_id = parse_int("id", require_field(data, "id", (int, str)))
-    messages = await request.app[DISCUSSIONS].load(client_session(request), discussion_id)
-    return json_response(messages)
+    body = await request.app[DISCUSSIONS].load_json(client_session(request), discussion_id)
+    return json_bytes_response(body)
 
 
 @routes.post("/delete_discussion")

@@ -16,7 +16,7 @@ from ..errors import NotFound
 from ..modelfiles import list_models
 from .keys import DISCUSSIONS, PERSONALITIES, SETTINGS
 from .requests import query_str
-from .responses import json_response
+from .responses import json_bytes_response, json_response
 from .session import client_session
 
 routes = web.RouteTableDef()
@@ -70,7 +70,7 @@ async def list_languages(request: web.Request) -> web.Response:
 
 @routes.get("/list_discussions")
 async def list_discussions(request: web.Request) -> web.Response:
-    return json_response(await request.app[DISCUSSIONS].list())
+    return json_bytes_response(await request.app[DISCUSSIONS].list_json())
 
 
 @routes.get("/get_current_personality")

@@ -35,8 +35,8 @@ class DiscussionService:
         self.personalities = personalities
         self.settings = settings
 
-    async def list(self) -> list[dict[str, Any]]:
-        return await self.store.list()
+    async def list_json(self) -> bytes:
+        return await self.store.list_json()
 
     async def new_discussion(self, session: ClientSession, title: str | None
                              ) -> dict[str, Any]:
@@ -52,12 +52,15 @@ class DiscussionService:
         return {"id": discussion_id, "time": now.strftime("%Y-%m-%d %H:%M:%S"),
                 "welcome_message": welcome, "sender": personality.name}
 
-    async def load(self, session: ClientSession, discussion_id: int) -> list[dict[str, Any]]:
-        messages = await self.store.messages(discussion_id)
-        if messages is None:
+    async def load_json(self, session: ClientSession, discussion_id: int) -> bytes:
+        """Select the discussion for this client (its pointer on the newest message) and
+        return its messages as a JSON array."""
+        found = await self.store.messages_json(discussion_id)
+        if found is None:
             raise NotFound(f"discussion {discussion_id} not found")
-        session.select(discussion_id, messages[-1]["id"] if messages else None)
-        return messages
+        body, newest = found
+        session.select(discussion_id, newest)
+        return body
 
     async def delete(self, discussion_id: int) -> None:
         if not await self.store.delete(discussion_id):
