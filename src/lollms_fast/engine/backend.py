@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 from llama_cpp import llama_cpp as C
 
 from ..errors import ModelLoadError
+from .batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,15 @@ class Backend:
         desc = ctypes.create_string_buffer(256)
         C.llama_model_desc(model, desc, len(desc))
         self.description = desc.value.decode("utf-8", "replace")
+        self._memory = C.llama_get_memory(ctx)
+        # token id -> its bytes, filled on first use (a piece is never re-fetched, and the
+        # answer is never re-detokenized as a whole)
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._eog: dict[int, bool] = {}
+        self._row_type = ctypes.c_float * self.n_vocab
+        self._bound: Batch | None = None
+        self._lbatch = C.llama_batch()
+        self._seq_ptrs: ctypes.Array[ctypes.c_void_p] | None = None
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -103,6 +115,69 @@ class Backend:
             buf = (C.llama_token * n_max)()
             n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
         return list(buf[:n])
+
+    # ------------------------------------------------------------------ decoding
+
+    def _bind(self, batch: Batch) -> None:
+        """Point the llama_batch at the numpy arrays of `batch` (once per Batch object)."""
+        lb = self._lbatch
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        lb.token = batch.token.ctypes.data_as(i32)
+        lb.embd = None
+        lb.pos = batch.pos.ctypes.data_as(i32)
+        # one sequence per token: n_seq_id is all ones, seq_id[i] points at batch.seq[i]
+        self._n_seq_id = np.ones(batch.capacity, dtype=np.int32)
+        lb.n_seq_id = self._n_seq_id.ctypes.data_as(i32)
+        base = batch.seq.ctypes.data
+        self._seq_ptrs = (ctypes.c_void_p * batch.capacity)(
+            *(base + 4 * i for i in range(batch.capacity)))
+        lb.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(C.llama_seq_id)))
+        lb.logits = batch.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._bound = batch
+
+    def decode(self, batch: Batch) -> int:
+        if batch is not self._bound:
+            self._bind(batch)
+        self._lbatch.n_tokens = batch.n
+        return int(C.llama_decode(self.ctx, self._lbatch))
+
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        """Zero-copy float32 view of the logits row of batch index `index` (valid until the
+        next decode; writable, the sampler's repeat penalty edits it in place)."""
+        ptr = C.llama_get_logits_ith(self.ctx, index)
+        if not ptr:
+            raise IndexError(f"no logits for batch index {index}")
+        address = ctypes.cast(ptr, ctypes.c_void_p).value
+        return np.frombuffer(self._row_type.from_address(address), dtype=np.float32)
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        """Drop positions [p0, p1) of a sequence (p1 < 0: to the end); False if impossible."""
+        return bool(C.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        C.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def is_eog(self, token: int) -> bool:
+        known = self._eog.get(token)
+        if known is None:
+            known = self._eog[token] = bool(C.llama_vocab_is_eog(self.vocab, token))
+        return known
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render as nothing)."""
+        cached = self._pieces[token]
+        if cached is None:
+            cached = self._pieces[token] = self._fetch_piece(token)
+        return cached
+
+    def _fetch_piece(self, token: int) -> bytes:
+        size = 32
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # too small: -n is the size needed
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -1,0 +1,488 @@
+"""Continuous batching: one engine thread owns the model context and every slot.
+
+Each step: cancelled requests end; waiting requests take idle slots (the one whose cached
+tokens share the longest prefix with the prompt, so only the suffix is decoded); one batch
+gets every generating slot's last token plus bounded chunks of the prompts still being read;
+one decode; each slot whose logits came out samples its next token (native sampler) and
+feeds its bytes to its stop detector (native). What the step produced crosses to asyncio in
+one `call_soon_threadsafe` per event loop.
+
+Threads: `submit`, `cancel`, `tokenize` and `stats` may run anywhere; everything touching the
+backend or a slot runs on the engine thread. A failing request ends with reason "error"; the
+engine keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .._native import sampling, stops
+from ..errors import BadRequest, Busy, ModelNotReady
+from .batch import Batch, ModelBackend
+
+log = logging.getLogger("lollms_fast.engine")
+
+STOP = "stop"  # end-of-generation token or anti-prompt
+LENGTH = "length"  # n_predict reached, or the slot's context is full
+CANCELLED = "cancelled"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 0.95
+    repeat_penalty: float = 1.2
+    repeat_last_n: int = 40
+    seed: int = -1  # -1: a random seed per request
+    n_predict: int = 1024
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    tokens: Sequence[int]  # the whole prompt, BOS included
+    params: SamplingParams
+    anti_prompts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # STOP | LENGTH | CANCELLED | ERROR
+    error: str | None  # the message when reason == ERROR
+    n_prompt: int
+    n_reused: int  # prompt tokens taken from the slot's cached prefix (not decoded)
+    n_generated: int  # tokens sampled
+    text: str  # the whole answer, anti-prompt cut off
+
+
+class TokenSampler(Protocol):
+    """What a slot samples with (the native Sampler; tests pass their own)."""
+
+    def accept(self, token: int) -> None: ...
+
+    def sample(self, logits: npt.NDArray[np.float32]) -> int: ...
+
+
+SamplerFactory = Callable[[GenerationRequest], TokenSampler]
+
+
+def default_sampler(request: GenerationRequest) -> TokenSampler:
+    p = request.params
+    seed = p.seed if p.seed >= 0 else secrets.randbits(64)
+    s = sampling.Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                         repeat_penalty=p.repeat_penalty, repeat_last_n=p.repeat_last_n,
+                         seed=seed)
+    if p.repeat_last_n > 0:  # the prompt's tail counts as "recent" for the repeat penalty
+        s.accept_many(request.tokens[-p.repeat_last_n:])
+    return s
+
+
+class Generation:
+    """One submitted request: an async stream of new text, a cancel switch and the finish."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 wake: Callable[[], None]) -> None:
+        self.request = request
+        self.finish: Finish | None = None
+        self.cancelled = False  # read by the engine thread between steps
+        self._loop = loop
+        self._wake = wake
+        self._pieces: deque[str] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = asyncio.Event()
+
+    def cancel(self) -> None:
+        if not self.cancelled and self.finish is None:
+            self.cancelled = True
+            self._wake()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        while True:
+            if self._pieces:
+                yield self._pieces.popleft()
+            elif self.finish is not None:
+                return
+            else:
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+
+    async def wait(self) -> Finish:
+        await self._done.wait()
+        assert self.finish is not None
+        return self.finish
+
+    def _push(self, text: str, finish: Finish | None) -> None:
+        """On the event loop: one engine step's text (and the finish, at the end)."""
+        if text:
+            self._pieces.append(text)
+        if finish is not None:
+            self.finish = finish
+            self._done.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class SlotState(Enum):
+    IDLE = 0
+    PROMPT = 1  # decoding the prompt, chunk by chunk
+    GENERATING = 2
+
+
+class _Slot:
+    """One sequence of the unified KV cache. `cached` mirrors the positions held there."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.state = SlotState.IDLE
+        self.cached: list[int] = []  # tokens at positions 0.. of this sequence's KV
+        self.last_used = 0  # engine step of its last decode (least recently used slot choice)
+        self.admitted = 0  # admission number (prompts are read oldest first)
+        self.gen: Generation | None = None
+        self.pending: Sequence[int] = ()  # prompt tokens still to decode
+        self.next_token = -1  # sampled, not yet decoded
+        self.sampler: TokenSampler | None = None
+        self.detector: Any = None
+        self.parts: list[str] = []
+        self.n_prompt = 0
+        self.n_reused = 0
+        self.n_generated = 0
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+class Engine:
+    def __init__(self, backend: ModelBackend, *, parallel: int, n_ctx_slot: int, n_batch: int,
+                 queue_size: int, sampler_factory: SamplerFactory = default_sampler) -> None:
+        if parallel < 1 or n_batch < 1 or n_ctx_slot < 2:
+            raise ValueError("parallel, n_batch >= 1 and n_ctx_slot >= 2 are required")
+        self.backend = backend
+        self.parallel = parallel
+        self.n_ctx_slot = n_ctx_slot
+        self.n_batch = n_batch
+        self.queue_size = queue_size
+        self._sampler_factory = sampler_factory
+        self._slots = [_Slot(i) for i in range(parallel)]
+        self._batch = Batch(n_batch)
+        self._cond = threading.Condition()
+        self._waiting: deque[Generation] = deque()  # guarded by _cond
+        self._outstanding = 0  # submitted, not finished; guarded by _cond
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._clock = 0  # steps, for least-recently-used slot choice
+        self._admissions = 0
+        self._updates: dict[Generation, list[Any]] = {}  # this step's [text, finish] per request
+        self._totals = {"prompt_decoded": 0, "prompt_reused": 0, "generated": 0, "steps": 0,
+                        "requests": 0, "errors": 0}
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lollms-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Blocking: cancel everything, stop the engine thread, free the model."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._shutdown()
+        self.backend.close()
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        n = len(request.tokens)
+        if n == 0:
+            raise BadRequest("the prompt is empty")
+        if n >= self.n_ctx_slot:
+            raise BadRequest(f"the prompt has {n} tokens; a slot holds {self.n_ctx_slot} "
+                             f"(prompt and answer together)")
+        generation = Generation(request, asyncio.get_running_loop(), self._wake)
+        with self._cond:
+            if self._closing:
+                raise ModelNotReady("the engine is shutting down")
+            if self._outstanding >= self.parallel + self.queue_size:
+                raise Busy(f"all {self.parallel} slots and the {self.queue_size} places of "
+                           f"the wait queue are taken; retry later")
+            self._outstanding += 1
+            self._waiting.append(generation)
+            self._cond.notify()
+        return generation
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        return self.backend.tokenize(text, add_bos)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            queued = len(self._waiting)
+        busy = sum(1 for s in self._slots if s.gen is not None)
+        return {"slots": self.parallel, "slots_busy": busy, "queued": queued, **self._totals}
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._waiting or self._any_active()):
+                    self._cond.wait()
+                if self._closing:
+                    break
+                admitted = self._take_admissible()
+            try:
+                self._admit(admitted)
+                self._step()
+            except Exception as exc:  # a bug must not stop the engine: fail the active ones
+                log.exception("engine step failed")
+                for slot in self._slots:
+                    if slot.gen is not None:
+                        self._reset_kv(slot)
+                        self._end(slot, ERROR, f"engine failure: {type(exc).__name__}: {exc}")
+            self._deliver()
+        self._shutdown()
+
+    def _any_active(self) -> bool:
+        return any(s.gen is not None for s in self._slots)
+
+    def _take_admissible(self) -> list[Generation]:
+        free = sum(1 for s in self._slots if s.gen is None)
+        taken: list[Generation] = []
+        while self._waiting and len(taken) < free:
+            taken.append(self._waiting.popleft())
+        # cancelled while queued: they never take a slot
+        for g in [g for g in self._waiting if g.cancelled]:
+            self._waiting.remove(g)
+            taken.append(g)
+        return taken
+
+    def _admit(self, generations: list[Generation]) -> None:
+        for gen in generations:
+            tokens = gen.request.tokens
+            if gen.cancelled:
+                self._finish_unslotted(gen, CANCELLED, None)
+                continue
+            slot = self._pick_slot(tokens)
+            # at least the last prompt token is decoded: its logits give the first answer token
+            reuse = min(common_prefix_len(slot.cached, tokens), len(tokens) - 1)
+            if reuse < len(slot.cached) and not self.backend.seq_rm(slot.seq_id, reuse, -1):
+                self._reset_kv(slot)  # this cache cannot be cut at a position
+                reuse = 0
+            del slot.cached[reuse:]
+            self._admissions += 1
+            slot.admitted = self._admissions
+            slot.gen = gen
+            slot.state = SlotState.PROMPT
+            slot.pending = tokens[reuse:]
+            slot.n_prompt, slot.n_reused, slot.n_generated = len(tokens), reuse, 0
+            slot.parts = []
+            try:
+                slot.sampler = self._sampler_factory(gen.request)
+                slot.detector = stops.StopDetector(gen.request.anti_prompts)
+            except Exception as exc:
+                self._end(slot, ERROR, f"bad sampling parameters: {exc}")
+                continue
+            self._totals["prompt_reused"] += reuse
+            self._totals["requests"] += 1
+
+    def _pick_slot(self, tokens: Sequence[int]) -> _Slot:
+        """The idle slot sharing the longest prefix with `tokens`, among those whose cache
+        would mostly be kept (at least half of it shared: a continuation of that discussion);
+        otherwise the least recently used one, so one request does not evict another
+        discussion's cache for the sake of a few shared tokens."""
+        best: _Slot | None = None
+        best_key = (False, -1, 0)
+        for slot in self._slots:
+            if slot.gen is None:
+                shared = common_prefix_len(slot.cached, tokens)
+                continues = 2 * shared >= len(slot.cached)
+                key = (continues, shared if continues else 0, -slot.last_used)
+                if key > best_key:
+                    best, best_key = slot, key
+        assert best is not None
+        return best
+
+    def _step(self) -> None:
+        for slot in self._slots:
+            if slot.gen is not None and slot.gen.cancelled:
+                self._end(slot, CANCELLED)
+        self._clock += 1
+        batch = self._batch
+        batch.clear()
+        spans: list[tuple[_Slot, Sequence[int], bool]] = []
+        for slot in self._slots:
+            if slot.state is SlotState.GENERATING:
+                batch.add(slot.seq_id, (slot.next_token,), len(slot.cached), True)
+                spans.append((slot, (slot.next_token,), True))
+        # the rest of the batch reads prompts, oldest admission first
+        reading = sorted((s for s in self._slots if s.state is SlotState.PROMPT),
+                         key=lambda s: s.admitted)
+        for slot in reading:
+            room = batch.capacity - batch.n
+            if room <= 0:
+                break
+            chunk = slot.pending[:room]
+            last = len(chunk) == len(slot.pending)
+            batch.add(slot.seq_id, chunk, len(slot.cached), last)
+            spans.append((slot, chunk, last))
+        if batch.n == 0:
+            return
+        for slot, _, _ in spans:
+            slot.last_used = self._clock
+        self._totals["steps"] += 1
+        rc = self.backend.decode(batch)
+        if rc != 0:
+            self._retry_alone(spans, rc)
+            return
+        index = 0
+        for slot, tokens, want in spans:
+            index += len(tokens)
+            self._advance(slot, tokens, index - 1 if want else -1)
+
+    def _retry_alone(self, spans: list[tuple[_Slot, Sequence[int], bool]], rc: int) -> None:
+        """The batch failed: decode each slot's part alone so only the culprit ends."""
+        log.warning("llama_decode failed (%d) on a batch of %d slots; retrying them one by one",
+                    rc, len(spans))
+        for slot, _, _ in spans:  # undo whatever a failing decode left in the cache
+            self.backend.seq_rm(slot.seq_id, len(slot.cached), -1)
+        batch = self._batch
+        for slot, tokens, want in spans:
+            batch.clear()
+            index = batch.add(slot.seq_id, tokens, len(slot.cached), want)
+            rc = self.backend.decode(batch)
+            if rc == 0:
+                self._advance(slot, tokens, index if want else -1)
+            else:
+                self.backend.seq_rm(slot.seq_id, len(slot.cached), -1)
+                reason = ("the context has no room left" if rc == 1
+                          else "the model could not decode this input")
+                self._end(slot, ERROR, f"llama_decode failed ({rc}): {reason}")
+
+    def _advance(self, slot: _Slot, tokens: Sequence[int], index: int) -> None:
+        """`tokens` are now in the slot's KV; sample if their logits came out."""
+        slot.cached.extend(tokens)
+        if slot.state is SlotState.PROMPT:
+            slot.pending = slot.pending[len(tokens):]
+            self._totals["prompt_decoded"] += len(tokens)
+        if index < 0:
+            return
+        assert slot.sampler is not None and slot.gen is not None
+        token = slot.sampler.sample(self.backend.logits(index))
+        slot.sampler.accept(token)
+        slot.n_generated += 1
+        self._totals["generated"] += 1
+        if self.backend.is_eog(token):
+            self._end(slot, STOP)
+            return
+        text = slot.detector.feed(self.backend.piece(token))
+        if text:
+            slot.parts.append(text)
+            self._emit(slot.gen, text)
+        if slot.detector.stopped:
+            self._end(slot, STOP)
+        elif slot.n_generated >= slot.gen.request.params.n_predict:
+            self._end(slot, LENGTH)
+        elif len(slot.cached) >= self.n_ctx_slot:  # no position left for this token
+            self._end(slot, LENGTH)
+        else:
+            slot.next_token = token
+            slot.state = SlotState.GENERATING
+
+    def _end(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+        gen = slot.gen
+        assert gen is not None
+        tail = slot.detector.finish() if slot.detector is not None else ""
+        if tail:
+            slot.parts.append(tail)
+            self._emit(gen, tail)
+        finish = Finish(reason, error, slot.n_prompt, slot.n_reused, slot.n_generated,
+                        "".join(slot.parts))
+        self._emit(gen, "", finish)
+        # the slot's KV stays: the next request sharing its prefix skips those tokens
+        slot.gen, slot.sampler, slot.detector = None, None, None
+        slot.state = SlotState.IDLE
+        slot.pending, slot.parts = (), []
+        self._release(reason)
+
+    def _finish_unslotted(self, gen: Generation, reason: str, error: str | None) -> None:
+        self._emit(gen, "", Finish(reason, error, len(gen.request.tokens), 0, 0, ""))
+        self._release(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason == ERROR:
+            self._totals["errors"] += 1
+        with self._cond:
+            self._outstanding -= 1
+
+    def _reset_kv(self, slot: _Slot) -> None:
+        self.backend.seq_rm(slot.seq_id, -1, -1)
+        slot.cached.clear()
+
+    def _emit(self, gen: Generation, text: str, finish: Finish | None = None) -> None:
+        update = self._updates.get(gen)
+        if update is None:
+            self._updates[gen] = [text, finish]
+        else:
+            update[0] += text
+            if finish is not None:
+                update[1] = finish
+
+    def _deliver(self) -> None:
+        """Hand this step's results to asyncio: one call per event loop."""
+        if not self._updates:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, str, Finish | None]]] = {}
+        for gen, (text, finish) in self._updates.items():
+            by_loop.setdefault(gen._loop, []).append((gen, text, finish))
+        self._updates = {}
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_push_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+    def _shutdown(self) -> None:
+        """Cancel every request, running or waiting (on the engine thread, or in `close`)."""
+        for slot in self._slots:
+            if slot.gen is not None:
+                self._end(slot, CANCELLED)
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for gen in waiting:
+            self._finish_unslotted(gen, CANCELLED, None)
+        self._deliver()
+
+
+def _push_all(items: list[tuple[Generation, str, Finish | None]]) -> None:
+    for gen, text, finish in items:
+        gen._push(text, finish)
