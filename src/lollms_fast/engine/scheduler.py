@@ -192,6 +192,7 @@ class Engine:
         self._waiting: deque[Generation] = deque()  # guarded by _cond
         self._outstanding = 0  # submitted, not finished; guarded by _cond
         self._closing = False
+        self._drop_cache = False  # guarded by _cond
         self._thread: threading.Thread | None = None
         self._clock = 0  # steps, for least-recently-used slot choice
         self._admissions = 0
@@ -245,6 +246,13 @@ class Engine:
         busy = sum(1 for s in self._slots if s.gen is not None)
         return {"slots": self.parallel, "slots_busy": busy, "queued": queued, **self._totals}
 
+    def drop_cache(self) -> None:
+        """Idle slots forget their cached prefixes before the next admission (benchmarks
+        use it to compare cold runs; it frees nothing, the cells are reused anyway)."""
+        with self._cond:
+            self._drop_cache = True
+            self._cond.notify()
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
@@ -254,12 +262,18 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closing or self._waiting or self._any_active()):
+                while not (self._closing or self._waiting or self._drop_cache
+                           or self._any_active()):
                     self._cond.wait()
                 if self._closing:
                     break
+                drop, self._drop_cache = self._drop_cache, False
                 admitted = self._take_admissible()
             try:
+                if drop:
+                    for slot in self._slots:
+                        if slot.gen is None:
+                            self._reset_kv(slot)
                 self._admit(admitted)
                 self._step()
             except Exception as exc:  # a bug must not stop the engine: fail the active ones
