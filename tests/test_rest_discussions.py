@@ -138,6 +138,24 @@ async def test_update_message_needs_message(rest_client: TestClient) -> None:
     await ok_json(await rest_client.get("/update_message", params={"id": 1}), 400)
 
 
+@pytest.mark.parametrize("route", ["/update_message", "/message_rank_up", "/message_rank_down",
+                                   "/delete_message"])
+async def test_message_routes_need_an_id(rest_client: TestClient, route: str) -> None:
+    err = await ok_json(await rest_client.get(route, params={"message": "x"}), 400)
+    assert err["status"] is False and "id" in err["error"]
+
+
+async def test_discussion_routes_unknown_id_is_404(rest_client: TestClient) -> None:
+    await new_discussion(rest_client, "kept")
+    before = await snapshot(rest_client)
+    for route, body in (("/load_discussion", {"id": 4040}), ("/delete_discussion", {"id": 4040}),
+                        ("/edit_title", {"id": 4040, "title": "x"}),
+                        ("/load_discussion", {"id": "-1"})):
+        err = await ok_json(await rest_client.post(route, json=body), 404)
+        assert err["status"] is False
+    assert await snapshot(rest_client) == before
+
+
 # ------------------------------------------------------------------ sessions
 
 
@@ -345,7 +363,8 @@ async def test_unparsable_json_is_400(rest_client: TestClient, route: str, raw: 
     assert await snapshot(rest_client) == before
 
 
-@pytest.mark.parametrize("route", ["/load_discussion", "/edit_title",
+@pytest.mark.parametrize("route", ["/load_discussion", "/delete_discussion", "/rename",
+                                   "/edit_title", "/export_multiple_discussions",
                                    "/import_multiple_discussions"])
 async def test_oversize_body_is_413(rest_client: TestClient, route: str) -> None:
     from conftest import REST_BODY_LIMIT
