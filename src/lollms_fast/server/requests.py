@@ -63,3 +63,8 @@ def require_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...]
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise BadRequest(f"field {name!r} has the wrong type")
     return value
+
+
+def require_id(data: dict[str, Any], name: str = "id") -> int:
+    """An id field of a JSON body: an integer, or a decimal string (the 2023 UI sent both)."""
+    return parse_int(name, require_field(data, name, (int, str)))

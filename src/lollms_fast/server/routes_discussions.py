@@ -8,7 +8,14 @@ from aiohttp import web
 
 from ..errors import BadRequest
 from .keys import DISCUSSIONS
-from .requests import parse_int, query_int, query_str, read_json_object, require_field
+from .requests import (
+    parse_int,
+    query_int,
+    query_str,
+    read_json_object,
+    require_field,
+    require_id,
+)
 from .responses import JSON_CONTENT_TYPE, json_bytes_response, json_response
 from .session import client_session
 
@@ -27,7 +34,7 @@ async def new_discussion(request: web.Request) -> web.Response:
 @routes.post("/load_discussion")
 async def load_discussion(request: web.Request) -> web.Response:
     data = await read_json_object(request)
-    discussion_id = parse_int("id", require_field(data, "id", (int, str)))
+    discussion_id = require_id(data)
     body = await request.app[DISCUSSIONS].load_json(client_session(request), discussion_id)
     return json_bytes_response(body)
 
@@ -35,7 +42,7 @@ async def load_discussion(request: web.Request) -> web.Response:
 @routes.post("/delete_discussion")
 async def delete_discussion(request: web.Request) -> web.Response:
     data = await read_json_object(request)
-    discussion_id = parse_int("id", require_field(data, "id", (int, str)))
+    discussion_id = require_id(data)
     await request.app[DISCUSSIONS].delete(discussion_id)
     return json_response(OK)
 
@@ -51,7 +58,7 @@ async def rename(request: web.Request) -> web.Response:
 @routes.post("/edit_title")
 async def edit_title(request: web.Request) -> web.Response:
     data = await read_json_object(request)
-    discussion_id = parse_int("id", require_field(data, "id", (int, str)))
+    discussion_id = require_id(data)
     title = require_field(data, "title", str)
     await request.app[DISCUSSIONS].edit_title(discussion_id, title)
     return json_response(OK)
