@@ -12,9 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import DEFAULT_MODEL_FILE, Config
-from .engine.backend import Backend, BackendParams
-from .modelfiles import resolve_model
+from .config import Config
+from .engine import load_engine
 from .personalities.loader import PersonalityLibrary
 from .server import (
     middlewares,
@@ -24,6 +23,7 @@ from .server import (
     routes_static,
 )
 from .server.keys import (
+    CHAT,
     DATABASE,
     DISCUSSIONS,
     ENGINE_CONTROL,
@@ -34,6 +34,7 @@ from .server.keys import (
 )
 from .server.session import session_middleware
 from .server.sockets import create_socketio
+from .services.chat import ChatService
 from .services.discussions import DiscussionService
 from .services.engine_control import EngineControl
 from .services.personalities import PersonalityService
@@ -45,24 +46,6 @@ from .storage.discussions import DiscussionStore
 log = logging.getLogger("lollms_fast")
 
 EngineLoader = Callable[[Config], Any]
-
-
-def backend_params(config: Config) -> BackendParams:
-    model_path = resolve_model(config.model, config.models_dir, DEFAULT_MODEL_FILE)
-    return BackendParams(
-        model_path=model_path,
-        n_ctx=config.ctx_size * config.parallel,
-        n_batch=config.n_batch,
-        n_threads=config.n_threads,
-        n_seq_max=config.parallel,
-        use_gpu=config.use_gpu,
-    )
-
-
-def load_engine(config: Config) -> Backend:
-    """The one seam between the server and the model engine (blocking; run in a thread).
-    Whatever it returns must have `.close()`."""
-    return Backend(backend_params(config))
 
 
 def close_engine(engine: Any) -> None:
@@ -93,10 +76,13 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app[PERSONALITIES] = personalities
     app[SESSIONS] = sessions
     app[DATABASE] = database
-    app[DISCUSSIONS] = DiscussionService(DiscussionStore(database), sessions, personalities,
-                                         settings)
+    store = DiscussionStore(database)
+    discussions = DiscussionService(store, sessions, personalities, settings)
+    app[DISCUSSIONS] = discussions
+    chat = ChatService(store, discussions, personalities, settings, engine)
+    app[CHAT] = chat
 
-    sio = create_socketio(config)
+    sio = create_socketio(config, app)
     sio.attach(app)
     app[SIO] = sio
     app.add_routes(routes_settings.routes)
@@ -112,6 +98,7 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await engine.start(settings.config)
         yield
+        await chat.shutdown()  # running answers end as `cancelled` and are saved
         await engine.stop()
 
     async def close_sockets(app: web.Application) -> None:

@@ -17,6 +17,7 @@ BACKEND = web.AppKey("backend", "Backend")
 
 # discussions, sessions and personalities (lollms REST)
 if TYPE_CHECKING:
+    from ..services.chat import ChatService
     from ..services.discussions import DiscussionService
     from ..services.engine_control import EngineControl
     from ..services.personalities import PersonalityService
@@ -27,4 +28,5 @@ DATABASE = web.AppKey("database", "Database")
 SESSIONS = web.AppKey("sessions", "SessionStore")
 DISCUSSIONS = web.AppKey("discussions", "DiscussionService")
 PERSONALITIES = web.AppKey("personalities", "PersonalityService")
+CHAT = web.AppKey("chat", "ChatService")
 ENGINE_CONTROL = web.AppKey("engine_control", "EngineControl[Any]")

@@ -1,16 +1,55 @@
-"""The Socket.IO server (Engine.IO 4 / Socket.IO 5) attached at /socket.io/."""
+"""The Socket.IO server (Engine.IO 4 / Socket.IO 5) attached at /socket.io/, and its events.
+
+A connection belongs to the HTTP session whose cookie the browser sent with the handshake,
+so a page and its socket share one current discussion. A client without that cookie (a
+script) gets a session of its own for the life of the connection. Every reply goes to the
+requesting connection only (`to=sid`), never broadcast.
+
+Streaming mode: by default `message.data` is the whole answer so far (what the 2023 UI
+expects). A client that connects with the query parameter `stream=delta` (or the auth
+field `{"stream": "delta"}`) receives only the new text in each `message` event.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
+import orjson
 import socketio
+from aiohttp import web
 
 from ..config import Config
+from ..services.sessions import COOKIE_NAME, ClientSession
+from .keys import CHAT, SESSIONS, SETTINGS
 from .middlewares import key_matches, presented_key
 
+if TYPE_CHECKING:
+    from ..engine.scheduler import Generation
+
 log = logging.getLogger("lollms_fast.socketio")
+
+
+class OrjsonModule:
+    """python-socketio takes a `json` module with dumps/loads; orjson is several times
+    faster on the per-piece `message` frames."""
+
+    @staticmethod
+    def dumps(obj: Any, **_: Any) -> str:
+        return orjson.dumps(obj).decode("utf-8")
+
+    @staticmethod
+    def loads(data: str | bytes, **_: Any) -> Any:
+        return orjson.loads(data)
+
+
+@dataclass
+class Connection:
+    session: ClientSession
+    delta: bool
+    generations: set["Generation"] = field(default_factory=set)
 
 
 def allowed_origins(config: Config) -> list[str] | str | None:
@@ -23,35 +62,116 @@ def allowed_origins(config: Config) -> list[str] | str | None:
     return raw
 
 
-def create_socketio(config: Config) -> socketio.AsyncServer:
+def wants_delta(environ: dict[str, Any], auth: Any) -> bool:
+    if isinstance(auth, dict) and auth.get("stream") == "delta":
+        return True
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    return "delta" in query.get("stream", [])
+
+
+def create_socketio(config: Config, app: web.Application | None = None
+                    ) -> socketio.AsyncServer:
+    """The server; with `app`, the lollms events are served from that app's services."""
     sio = socketio.AsyncServer(
         async_mode="aiohttp",
         cors_allowed_origins=allowed_origins(config),
         ping_interval=15,
         ping_timeout=60,
         max_http_buffer_size=config.max_body_size,
+        json=OrjsonModule,
         logger=False,
         engineio_logger=False,
     )
+    connections: dict[str, Connection] = {}
 
     @sio.event
     async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> bool:
         expected = config.api_key
+        request = environ.get("aiohttp.request")
         if expected:
             presented = ""
             if isinstance(auth, dict):
                 presented = str(auth.get("api_key", ""))
-            request = environ.get("aiohttp.request")
             if not presented and request is not None:
                 presented = presented_key(request)
             if not key_matches(expected, presented):
                 log.info("refused Socket.IO connection %s: missing or wrong API key", sid)
                 return False
+        if app is not None and SESSIONS in app:
+            cookie = request.cookies.get(COOKIE_NAME) if request is not None else None
+            session, _ = app[SESSIONS].get_or_create(cookie)
+            connections[sid] = Connection(session, wants_delta(environ, auth))
         log.debug("socket connected %s", sid)
         return True
 
     @sio.event
     async def disconnect(sid: str, *args: Any) -> None:
+        conn = connections.pop(sid, None)
+        if conn is not None:
+            for generation in list(conn.generations):
+                generation.cancel()  # the chat service saves the partial answer
         log.debug("socket disconnected %s", sid)
+
+    if app is None:
+        return sio
+
+    def emitter(sid: str) -> Any:
+        async def emit(event: str, payload: dict[str, Any]) -> None:
+            await sio.emit(event, payload, to=sid)
+        return emit
+
+    def tracker(conn: Connection) -> Any:
+        def on_start(generation: Generation) -> None:
+            conn.generations.add(generation)
+            if sid_gone(conn):  # disconnected while the generation was being set up
+                generation.cancel()
+        return on_start
+
+    def sid_gone(conn: Connection) -> bool:
+        return not any(c is conn for c in connections.values())
+
+    async def run_generation(sid: str, data: Any, regenerate: bool) -> None:
+        conn = connections.get(sid)
+        if conn is None:
+            return
+        body = data if isinstance(data, dict) else {}
+        chat = app[CHAT]
+        before = set(conn.generations)
+        try:
+            if regenerate:
+                await chat.generate_msg_from(conn.session, emitter(sid), body.get("id"),
+                                             body.get("prompt"), delta=conn.delta,
+                                             on_start=tracker(conn))
+            else:
+                await chat.generate_msg(conn.session, emitter(sid), body.get("prompt"),
+                                        delta=conn.delta, on_start=tracker(conn))
+        finally:
+            conn.generations.intersection_update(before)
+
+    @sio.event
+    async def generate_msg(sid: str, data: Any = None) -> None:
+        await run_generation(sid, data, regenerate=False)
+
+    @sio.event
+    async def generate_msg_from(sid: str, data: Any = None) -> None:
+        await run_generation(sid, data, regenerate=True)
+
+    async def stop(sid: str, *args: Any) -> None:
+        conn = connections.get(sid)
+        if conn is not None:
+            conn.session.request_stop()
+
+    sio.on("stop_gen", stop)
+    sio.on("cancel_generation", stop)
+
+    @sio.event
+    async def update_setting(sid: str, data: Any = None) -> None:
+        reply = await app[SETTINGS].update_setting_reply(data)
+        await sio.emit("update_setting", reply, to=sid)
+
+    @sio.event
+    async def save_settings(sid: str, *args: Any) -> None:
+        reply = await app[SETTINGS].save_reply()
+        await sio.emit("save_settings", reply, to=sid)
 
     return sio

@@ -1,0 +1,85 @@
+"""Helpers for tests that talk to a live server the way a browser does: an HTTP session
+whose cookie the Socket.IO connection shares, and a recorder of the events it receives."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import socketio
+
+EVENTS = ("infos", "message", "final", "update_setting", "save_settings")
+
+
+@dataclass
+class Browser:
+    """One client: an HTTP session (cookie jar) plus a Socket.IO connection sharing it."""
+
+    base: str
+    http: aiohttp.ClientSession
+    sio: socketio.AsyncClient
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    finals: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    first_message: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    async def open(cls, base: str, *, delta: bool = False) -> Browser:
+        # unsafe=True: keep cookies from an IP host (the test server is on 127.0.0.1)
+        http = aiohttp.ClientSession(base_url=base, cookie_jar=aiohttp.CookieJar(unsafe=True))
+        async with http.get("/get_generation_status") as resp:  # sets the session cookie
+            assert resp.status == 200
+        cookie = "; ".join(f"{c.key}={c.value}" for c in http.cookie_jar)
+        assert cookie, "the server set no session cookie"
+        sio = socketio.AsyncClient(reconnection=False)
+        browser = cls(base, http, sio)
+        for name in EVENTS:
+            sio.on(name, browser._recorder(name))
+        url = base + ("?stream=delta" if delta else "")
+        await sio.connect(url, headers={"Cookie": cookie}, transports=["websocket"],
+                          wait_timeout=10)
+        return browser
+
+    def _recorder(self, name: str) -> Any:
+        async def record(data: Any = None) -> None:
+            self.events.append((name, data))
+            if name == "message":
+                self.first_message.set()
+            if name == "final":
+                await self.finals.put(data)
+        return record
+
+    async def generate(self, prompt: str, *, timeout: float = 120) -> dict[str, Any]:
+        await self.sio.emit("generate_msg", {"prompt": prompt})
+        return await asyncio.wait_for(self.finals.get(), timeout)
+
+    async def regenerate(self, message_id: int, *, timeout: float = 120) -> dict[str, Any]:
+        await self.sio.emit("generate_msg_from", {"id": message_id, "prompt": ""})
+        return await asyncio.wait_for(self.finals.get(), timeout)
+
+    def of_run(self, final: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The events of the generation that ended with `final` (infos .. final)."""
+        end = next(i for i, (n, d) in enumerate(self.events) if n == "final" and d is final)
+        start = max((i for i, (n, d) in enumerate(self.events[:end])
+                     if n == "infos" and d.get("ai_message_id") == final["ai_message_id"]),
+                    default=end)
+        return self.events[start:end + 1]
+
+    async def get(self, path: str, **params: Any) -> Any:
+        async with self.http.get(path, params=params) as resp:
+            return resp.status, await resp.json()
+
+    async def post(self, path: str, body: Any) -> Any:
+        async with self.http.post(path, json=body) as resp:
+            return resp.status, await resp.json()
+
+    async def messages(self, discussion_id: int) -> list[dict[str, Any]]:
+        status, body = await self.post("/load_discussion", {"id": discussion_id})
+        assert status == 200, body
+        return body
+
+    async def close(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+        await self.http.close()
