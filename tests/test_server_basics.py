@@ -81,3 +81,16 @@ async def test_socketio_refuses_missing_key(aiohttp_client: ClientFactory,
     await accepted.connect(url, transports=["websocket"], auth={"api_key": "k"})
     assert accepted.connected
     await accepted.disconnect()
+
+
+async def test_api_key_leaves_the_web_ui_public(aiohttp_client: ClientFactory,
+                                                make_config: Callable[..., Config]) -> None:
+    """A browser loads the page and its files first, then asks its user for the key."""
+    client = await aiohttp_client(build_app(make_config(api_key="letmein"),
+                                            backend_factory=None))
+    assert (await client.get("/")).status == 200
+    assert (await client.get("/settings")).status == 200
+    assert (await client.get("/app.js")).status == 200
+    assert (await client.get("/no-such-file.js")).status == 404
+    assert (await client.get("/list_discussions")).status == 401
+    assert (await client.post("/update_setting", json={})).status == 401

@@ -53,11 +53,22 @@ def key_matches(expected: str, presented: str) -> bool:
 SOCKETIO_PREFIX = "/socket.io/"
 
 
+_PUBLIC = "__lollms_fast_public__"
+
+
+def public(handler: Handler) -> Handler:
+    """Mark a route as served without the API key: the web UI's page and static files carry
+    no data, and a browser must load them before it can ask its user for the key."""
+    setattr(handler, _PUBLIC, True)
+    return handler
+
+
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     expected = request.app[SETTINGS].config.api_key
     # Socket.IO checks the key in its connect handler (clients send it in the `auth` payload)
     if (expected and not request.path.startswith(SOCKETIO_PREFIX)
+            and not getattr(request.match_info.handler, _PUBLIC, False)
             and not key_matches(expected, presented_key(request))):
         return error_response("missing or wrong API key", 401)
     return await handler(request)

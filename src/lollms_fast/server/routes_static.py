@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..errors import NotFound
 from .keys import PERSONALITIES, SETTINGS
+from .middlewares import public
 
 BUILTIN_UI = Path(__file__).resolve().parent.parent / "ui"
 ENTRY_PAGE = "index.html"
@@ -93,6 +94,7 @@ async def serve_from(roots: list[Path], relative: str) -> web.FileResponse:
     raise NotFound("file not found")
 
 
+@public
 async def page(request: web.Request) -> web.FileResponse:
     return await serve_from([ui_root(request.app[SETTINGS].config.ui_dir)], ENTRY_PAGE)
 
@@ -104,6 +106,7 @@ for _path in PAGES:
 
 
 @routes.get("/personalities/{path:.+}")
+@public
 async def personality_asset(request: web.Request) -> web.FileResponse:
     """Only `<language>/<category>/<folder>/assets/...`: the rest of a personality folder
     (config, scripts, secrets) is not for the browser. The user's root wins over built-ins."""
@@ -116,6 +119,7 @@ async def personality_asset(request: web.Request) -> web.FileResponse:
 
 
 @routes.get("/{filename:.+}")
+@public
 async def static_file(request: web.Request) -> web.FileResponse:
     root = ui_root(request.app[SETTINGS].config.ui_dir)
     return await serve_from([root], request.match_info["filename"])

@@ -21,10 +21,20 @@ async function api(path, { method = "GET", body, query } = {}) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
   }
-  const resp = await fetch(url, init);
+  let resp = await fetch(url, init);
+  if (resp.status === 401 && askForKey()) resp = await fetch(url, init);
   const data = await resp.json().catch(() => ({}));
   if (!resp.ok) throw new Error(data.error || `${resp.status} ${resp.statusText}`);
   return data;
+}
+
+// A server started with an API key refuses the API without it. The key is kept in a cookie
+// (same-site only), which fetch and the Socket.IO handshake both send.
+function askForKey() {
+  const key = prompt("This server needs its API key");
+  if (!key) return false;
+  document.cookie = `lollms_api_key=${encodeURIComponent(key.trim())}; path=/; SameSite=Strict`;
+  return true;
 }
 
 function toast(text, isError = false) {
