@@ -38,7 +38,9 @@ Metrics and how each is taken:
   gaps between pieces pooled, p50 and p99;
 - CPU per token outside llama_decode: server process CPU (all threads, /proc) from the first
   piece to `final`, per token, minus the raw loop's CPU per token spent inside llama_decode
-  (its CPU in the same window minus its own time outside the decode calls);
+  (its CPU in the same window minus its own time outside the decode calls; llama.cpp's
+  threads spin while they wait, so time a server takes from them shows up here too); and
+  the CPU of the server's event-loop thread alone, per token (exact: no subtraction);
 - cancel: `stop_gen` -> `final` after 8 pieces, pieces between them, pieces after `final`;
 - REST: bench_rest's seeded 10,000-discussion database and in-server stall ticker, 50
   clients on /list_discussions and /load_discussion while 8 Socket.IO answers stream;
@@ -143,6 +145,25 @@ class Tokens:
     def of(self, s: Stream, n_predict: int) -> int:
         """Tokens of one streamed answer (see "Counting tokens")."""
         return n_predict if s.finish_reason == "length" else self.count(s.text)
+
+
+class Cpu:
+    """A server's CPU (whole process, and its event-loop thread) from its first piece on."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.start: tuple[float, float] | None = None
+        self.total_s = self.loop_s = 0.0
+
+    def first(self, s: Stream) -> None:  # the clients' on_piece hook
+        if self.start is None:
+            self.start = (self.server.cpu_s(), self.server.main_thread_cpu_s())
+
+    def end(self) -> Cpu:
+        assert self.start is not None, "no piece arrived"
+        self.total_s = self.server.cpu_s() - self.start[0]
+        self.loop_s = self.server.main_thread_cpu_s() - self.start[1]
+        return self
 
 
 @dataclass
@@ -341,29 +362,28 @@ class Bench:
                 n = self.tok.of(s, self.n)
                 decode_cpu = (ref_run.cpu_s - ref_run.outside_s) / (len(ref_run.tokens) - 1)
                 add(self.single, f"{name}: CPU outside decode", "us/tok",
-                    (cpu / (n - 1) - decode_cpu) * 1e6, higher_is_better=False)
+                    (cpu.total_s / (n - 1) - decode_cpu) * 1e6, higher_is_better=False)
+            for name, s, cpu in ((LOLLMS, lol, lol_cpu), (PEER, peer_s, peer_cpu)):
+                add(self.single, f"{name}: event-loop thread CPU", "us/tok",
+                    cpu.loop_s / (self.tok.of(s, self.n) - 1) * 1e6, higher_is_better=False)
 
     async def lollms_once(self, server: ServerProcess, client: LollmsClient, prompt: str
-                          ) -> tuple[Stream, float]:
-        """One answer in a new discussion; the server's CPU from the first piece to final."""
+                          ) -> tuple[Stream, Cpu]:
+        """One answer in a new discussion, and the server's CPU from first piece to final."""
         await client.new_discussion()
-        at_first: list[float] = []
-        client.on_piece = lambda s: at_first.append(server.cpu_s()) if not at_first else None
+        cpu = Cpu(server)
+        client.on_piece = cpu.first
         try:
             s = await client.generate(prompt)
         finally:
             client.on_piece = None
-        return s, server.cpu_s() - at_first[0]
+        return s, cpu.end()
 
     async def peer_once(self, server: ServerProcess, http: aiohttp.ClientSession,
-                        prompt: str) -> tuple[Stream, float]:
-        at_first: list[float] = []
-
-        def first(s: Stream) -> None:
-            if not at_first:
-                at_first.append(server.cpu_s())
-        s = await completion_stream(http, server.url, prompt, self.n, on_piece=first)
-        return s, server.cpu_s() - at_first[0]
+                        prompt: str) -> tuple[Stream, Cpu]:
+        cpu = Cpu(server)
+        s = await completion_stream(http, server.url, prompt, self.n, on_piece=cpu.first)
+        return s, cpu.end()
 
     async def aggregate_phase(self, peer: ServerProcess, clients: list[LollmsClient],
                               http: aiohttp.ClientSession) -> None:

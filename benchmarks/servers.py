@@ -71,6 +71,11 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def main_thread_cpu_s(self) -> float:
+        """CPU seconds of the process's first thread: the event loop of both servers."""
+        with open(f"/proc/{self.pid}/task/{self.pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+
     def cpu_s(self) -> float:
         """CPU seconds of the whole process (every thread) so far, in nanosecond resolution:
         the sum of each thread's schedstat run time. (psutil's cpu_times come from clock
