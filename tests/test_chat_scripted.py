@@ -160,3 +160,53 @@ async def test_checkpoints_are_rare_and_the_last_write_is_complete() -> None:
     await saver.close("final")
     assert store.writes[-1] == "final"
     assert len(store.writes) <= 51
+
+
+async def test_engine_reload_lets_running_answers_finish(
+        aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
+    """Changing ctx_size loads a new engine; the answer running on the old one finishes
+    (not cancelled) before the old engine is closed, and the next one uses the new engine."""
+    import threading
+
+    gate = threading.Semaphore(0)
+    engines: list[Engine] = []
+
+    def loader(config: Config) -> Engine:
+        # the first engine is gated (steps only when the test releases it); later ones run
+        backend = ScriptedBackend([b"a", b"b"], eog_after=False,
+                                  gate=gate if not engines else None)
+        engine = Engine(backend, parallel=config.parallel, n_ctx_slot=config.ctx_size,
+                        n_batch=config.n_batch, queue_size=config.queue_size)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    config = make_config(override_personality_model_parameters=True, n_predict=20,
+                         ctx_size=2048, parallel=2)
+    server = await aiohttp_server(build_app(config, backend_factory=loader))
+    b = await Browser.open(str(server.make_url("")).rstrip("/"))
+    try:
+        await b.sio.emit("generate_msg", {"prompt": "hi"})
+        for _ in range(200):  # wait until the answer is running on the first engine
+            if engines[0].stats()["slots_busy"]:
+                break
+            await asyncio.sleep(0.01)
+        # the reload answers at once; the old engine drains in the background
+        status, body = await b.post("/update_setting", {"setting_name": "ctx_size",
+                                                        "setting_value": 1536})
+        assert status == 200 and body["status"] is True
+        assert len(engines) == 2 and not engines[0].backend.closed
+        gate.release(1000)
+        final = await asyncio.wait_for(b.finals.get(), 30)
+        assert final["finish_reason"] == "length" and final["data"] == "ab" * 10
+        for _ in range(200):
+            if engines[0].backend.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert engines[0].backend.closed
+        second = await b.generate("again")
+        assert second["finish_reason"] == "length"
+        assert engines[1].stats()["requests"] == 1
+    finally:
+        gate.release(1000)
+        await b.close()

@@ -7,6 +7,7 @@ reverse order on shutdown; nothing blocking runs on the event loop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -48,7 +49,22 @@ log = logging.getLogger("lollms_fast")
 EngineLoader = Callable[[Config], Any]
 
 
-def close_engine(engine: Any) -> None:
+# after a reload the old engine keeps serving the answers it has begun for up to this long
+RELOAD_DRAIN_S = 120.0
+
+
+def close_engine(engine: Any, drain_s: float = RELOAD_DRAIN_S) -> None:
+    """Blocking (runs in a thread). New requests already go to the new engine; answers still
+    running or queued on this one get `drain_s` to finish before it is closed (closing
+    cancels whatever is left, and those answers end as `cancelled`, saved). At shutdown
+    the chat service has cancelled everything first, so this returns at once."""
+    stats = getattr(engine, "stats", None)
+    deadline = time.monotonic() + drain_s
+    while stats is not None and time.monotonic() < deadline:
+        figures = stats()
+        if not figures.get("slots_busy") and not figures.get("queued"):
+            break
+        time.sleep(0.05)
     engine.close()
 
 

@@ -30,6 +30,7 @@ class EngineControl(Generic[E]):
         self.current: E | None = None
         self.applied: Config | None = None  # the config the current engine was built from
         self.reloads = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def can_load(self) -> bool:
@@ -52,6 +53,17 @@ class EngineControl(Generic[E]):
             old, self.current = self.current, None
             if old is not None and self._closer is not None:
                 await asyncio.to_thread(self._closer, old)
+            if self._closing:  # engines replaced by reloads and still draining
+                await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _close_later(self, old: E) -> None:
+        """The replaced engine is closed in the background: the closer may wait for the
+        answers still running on it, and the request that caused the reload need not."""
+        if self._closer is None:
+            return
+        task = asyncio.ensure_future(asyncio.to_thread(self._closer, old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def apply(self, config: Config) -> list[str]:
         """Reload the engine if `config` has pending engine-level changes; the errors."""
@@ -72,8 +84,8 @@ class EngineControl(Generic[E]):
                 return [f"engine reload failed: {type(exc).__name__}"]
             old, self.current, self.applied = self.current, new, config
             self.reloads += 1
-            if old is not None and self._closer is not None:
-                await asyncio.to_thread(self._closer, old)
+            if old is not None:
+                self._close_later(old)
             return []
 
     async def switch(self, settings: SettingsService, changes: Mapping[str, Any]) -> list[str]:
