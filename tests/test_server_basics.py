@@ -94,3 +94,15 @@ async def test_api_key_leaves_the_web_ui_public(aiohttp_client: ClientFactory,
     assert (await client.get("/no-such-file.js")).status == 404
     assert (await client.get("/list_discussions")).status == 401
     assert (await client.post("/update_setting", json={})).status == 401
+
+
+async def test_socketio_websocket_is_served_without_compression(
+        bare_client: TestClient) -> None:
+    """Per-piece frames are tiny; zlib on each would cost CPU the model needs."""
+    ws = await bare_client.ws_connect("/socket.io/?EIO=4&transport=websocket", compress=15)
+    try:
+        assert ws.compress == 0  # the server declined permessage-deflate
+        opening = await ws.receive_str()
+        assert opening.startswith("0{")  # Engine.IO open packet
+    finally:
+        await ws.close()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -89,6 +91,20 @@ def cmd_models(config: Config) -> int:
     return 0
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop: every streamed piece crosses the event loop (wake-up from the engine thread,
+    a WebSocket write), and on a 2-core machine that CPU is taken from llama.cpp's threads.
+    LOLLMS_FAST_ASYNCIO_LOOP=1 keeps the standard loop (for comparison and debugging)."""
+    if os.environ.get("LOLLMS_FAST_ASYNCIO_LOOP") != "1":
+        try:
+            import uvloop
+        except ImportError:  # a platform without uvloop wheels (Windows)
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def cmd_serve(config: Config) -> int:
     from aiohttp import web
 
@@ -116,7 +132,8 @@ def cmd_serve(config: Config) -> int:
     app.on_startup.append(banner)
     try:
         web.run_app(app, host=config.host, port=config.port, print=None,
-                    shutdown_timeout=3.0, access_log=None, handle_signals=True)
+                    shutdown_timeout=3.0, access_log=None, handle_signals=True,
+                    loop=new_event_loop())
     except ModelLoadError as exc:
         print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
         return 2

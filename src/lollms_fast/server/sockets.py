@@ -52,6 +52,29 @@ class Connection:
     generations: set["Generation"] = field(default_factory=set)
 
 
+def _without_compression(sio: socketio.AsyncServer) -> None:
+    """Serve WebSockets without permessage-deflate. Browsers and aiohttp clients ask for it,
+    and aiohttp would then zlib every frame: one per streamed piece, CPU taken from
+    llama.cpp's threads for frames of a few dozen bytes. python-engineio builds its aiohttp
+    WebSocket from its driver table; ours differs only in `compress=False`."""
+    drivers = getattr(sio.eio, "_async", None)
+    base = drivers.get("websocket") if isinstance(drivers, dict) else None
+    if base is None:
+        return
+
+    class PlainWebSocket(base):  # type: ignore[misc, valid-type]
+        async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
+            request = environ["aiohttp.request"]
+            self._sock = web.WebSocketResponse(
+                max_msg_size=self.server.max_http_buffer_size, compress=False)
+            await self._sock.prepare(request)
+            self.environ = environ
+            await self.handler(self)
+            return self._sock
+
+    sio.eio._async = {**drivers, "websocket": PlainWebSocket}
+
+
 def allowed_origins(config: Config) -> list[str] | str | None:
     """None = same origin only (python-socketio's default check); '*' = anyone."""
     raw = [o.strip() for o in config.allowed_origins.split(",") if o.strip()]
@@ -82,6 +105,7 @@ def create_socketio(config: Config, app: web.Application | None = None
         logger=False,
         engineio_logger=False,
     )
+    _without_compression(sio)
     connections: dict[str, Connection] = {}
 
     @sio.event
