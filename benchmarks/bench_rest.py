@@ -14,8 +14,8 @@ How it measures
   A stall figure therefore includes up to one tick of scheduling noise.
 - Every response is checked while timing (10,000 discussions listed, 1,000 messages
   loaded); a wrong answer aborts the run.
-- `--streams N` is the hook for "while N answers stream" (SPEC target: 8): it needs a model
-  and the Socket.IO generation events, see `background_streams` below.
+- `--streams N` runs the phases while N Socket.IO clients keep answers streaming (SPEC
+  target: 8); the server then starts with the model.
 
 Targets (DESIGN.md): single-client p50 < 10 ms for both routes; no stall > 50 ms.
 """
@@ -162,7 +162,8 @@ def list_request(url: str) -> Request:
     async def run(session: aiohttp.ClientSession) -> None:
         async with session.get(url + "/list_discussions") as resp:
             data = orjson.loads(await resp.read())
-        if resp.status != 200 or len(data) != N_DISCUSSIONS:
+        # background streaming clients (--streams) add discussions of their own
+        if resp.status != 200 or len(data) < N_DISCUSSIONS:
             raise AssertionError(f"/list_discussions answered wrong ({resp.status})")
     return run
 
@@ -206,14 +207,46 @@ async def run_phase(request: Request, clients: int, total: int) -> dict[str, flo
 
 
 async def background_streams(url: str, count: int) -> Callable[[], Awaitable[None]]:
-    """Hook: start `count` Socket.IO clients that keep answers streaming (generate_msg in a
-    loop) while the REST phases run, and return a coroutine function that stops them.
-    To be filled in once the generation events exist (needs `--with-model`)."""
-    if count:
-        raise SystemExit("--streams needs the Socket.IO generation events; not wired yet")
+    """Start `count` Socket.IO clients that keep answers streaming (generate_msg in a loop,
+    each in its own discussion) while the REST phases run; returns a coroutine function
+    that stops them and reports how many answers they completed."""
+    if not count:
+        async def nothing() -> None:
+            return None
+        return nothing
+
+    from clients import LollmsClient  # benchmarks/clients.py, the shared Socket.IO client
+
+    clients = [await LollmsClient(url).open() for _ in range(count)]
+    running = True
+    answers = 0
+
+    async def keep_streaming(client: LollmsClient) -> None:
+        nonlocal answers
+        await client.new_discussion()
+        while running:
+            stream = await client.generate("Tell me a long story about a lighthouse.")
+            if stream.finish_reason == "error":
+                raise RuntimeError("a background answer failed")
+            answers += 1
+
+    tasks = [asyncio.ensure_future(keep_streaming(c)) for c in clients]
+    # the REST phases start once every client has its first pieces flowing
+    while any(c.current is None or not c.current.piece_times for c in clients):
+        if any(t.done() for t in tasks):
+            break
+        await asyncio.sleep(0.05)
 
     async def stop() -> None:
-        return None
+        nonlocal running
+        running = False
+        for c in clients:
+            await c.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in clients:
+            await c.close()
+        print(f"background streams: {count} clients completed {answers} answers")
+
     return stop
 
 
@@ -244,7 +277,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--requests", type=int, default=400, help="requests per phase")
     parser.add_argument("--streams", type=int, default=0,
-                        help="answers streaming in the background (hook; needs a model)")
+                        help="answers streaming in the background (starts the model)")
     parser.add_argument("--with-model", action="store_true",
                         help="start the server with the model engine")
     parser.add_argument("--serve", metavar="DATA_DIR", help=argparse.SUPPRESS)
