@@ -53,6 +53,15 @@ class RecordingLoader:
         self.closed += 1
 
 
+async def closed_count(loader: RecordingLoader, expected: int) -> int:
+    """Replaced engines are closed in the background: wait (bounded) for `expected`."""
+    for _ in range(500):
+        if loader.closed >= expected:
+            break
+        await asyncio.sleep(0.01)
+    return loader.closed
+
+
 @pytest.fixture
 async def reload_client(aiohttp_client: Any, make_config: Callable[..., Config]
                         ) -> tuple[TestClient, RecordingLoader]:
@@ -242,11 +251,7 @@ async def test_engine_reloads_only_for_engine_settings(
         assert (await update(client, name, value))["status"] is True
     assert [c.ctx_size for c in loader.loaded] == [1024, 512, 512]
     assert loader.loaded[-1].n_threads == 1
-    for _ in range(200):  # replaced engines are closed in the background
-        if loader.closed == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert loader.closed == 2  # old engines closed
+    assert await closed_count(loader, 2) == 2  # old engines closed
     assert await post_json(client, "/apply_settings", None) == {"status": "succeeded",
                                                                 "errors": []}
     assert client.server.app[ENGINE_CONTROL].reloads == 2
@@ -269,4 +274,5 @@ async def test_failed_reload_leaves_config_and_engine(
     loader.fail = False
     assert await post_json(client, "/set_model", {"model": "other.gguf"}) == {
         "status": "succeeded"}
-    assert config_of(client).model == "other.gguf" and loader.closed == 1
+    assert config_of(client).model == "other.gguf"
+    assert await closed_count(loader, 1) == 1
