@@ -244,8 +244,8 @@ cdef class Sampler:
                 x[t] = v / pen
 
     cdef int _sample(self, float* x, Py_ssize_t n) noexcept nogil:
-        cdef Py_ssize_t k, m, j, i
-        cdef double u, top, total, cum
+        cdef Py_ssize_t k, m, j, i, cut
+        cdef double u, top, total
         self._apply_penalty(x, n)
         if self.temperature <= 0.0:
             return <int>_argmax(x, n)
@@ -263,12 +263,9 @@ cdef class Sampler:
                 total = 0.0
                 for j in range(k):
                     total += exp(<double>self._cand[j].logit - top)
-                cum = 0.0
-                for j in range(k):
-                    cum += exp(<double>self._cand[j].logit - top)
-                    if cum / total >= self.top_p:
-                        m = j + 1
-                        break
+                cut = self._mass_cut(k, top, total)
+                if cut > 0:
+                    m = cut
         else:
             # top-p over the whole row: grow the partial selection until it holds the mass
             top = x[_argmax(x, n)]
@@ -280,13 +277,7 @@ cdef class Sampler:
                 if not self._reserve(k):
                     return -2
                 _select_top(x, n, k, self._cand)
-                m = -1
-                cum = 0.0
-                for j in range(k):
-                    cum += exp(<double>self._cand[j].logit - top)
-                    if cum / total >= self.top_p:
-                        m = j + 1
-                        break
+                m = self._mass_cut(k, top, total)
                 if m > 0:
                     break
                 if k == n:
@@ -294,6 +285,17 @@ cdef class Sampler:
                     break
                 k = k * 4 if k * 4 < n else n
         return self._cand[self._pick(m, u)].id
+
+    cdef Py_ssize_t _mass_cut(self, Py_ssize_t k, double top, double total) noexcept nogil:
+        """How many of the first k candidates hold top_p of the mass `total` (relative to
+        the logit `top`), or -1 if all k together do not."""
+        cdef double cum = 0.0
+        cdef Py_ssize_t j
+        for j in range(k):
+            cum += exp(<double>self._cand[j].logit - top)
+            if cum / total >= self.top_p:
+                return j + 1
+        return -1
 
     cdef Py_ssize_t _pick(self, Py_ssize_t m, double u) noexcept nogil:
         cdef double top = self._cand[0].logit

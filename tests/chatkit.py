@@ -4,11 +4,19 @@ whose cookie the Socket.IO connection shares, and a recorder of the events it re
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import socketio
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a server started as a child process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 EVENTS = ("infos", "message", "final", "update_setting", "save_settings")
 

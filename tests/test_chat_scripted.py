@@ -210,3 +210,45 @@ async def test_engine_reload_lets_running_answers_finish(
     finally:
         gate.release(1000)
         await b.close()
+
+
+async def test_disconnect_cancels_within_a_step(
+        aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
+    """An answer that would never end by itself (no end-of-generation in the script) stops
+    when its client goes away, and frees its slot for the next client."""
+    import threading
+
+    from lollms_fast.server.keys import ENGINE_CONTROL, SIO
+
+    gate = threading.Semaphore(0)
+    config = make_config(override_personality_model_parameters=True, n_predict=500,
+                         ctx_size=2048, parallel=1)
+    app = build_app(config, backend_factory=scripted_loader([b"a"], eog_after=False,
+                                                            gate=gate))
+    server = await aiohttp_server(app)
+    base = str(server.make_url("")).rstrip("/")
+    leaving, staying = await Browser.open(base), await Browser.open(base)
+    try:
+        engine = app[ENGINE_CONTROL].current
+        await leaving.sio.emit("generate_msg", {"prompt": "hi"})
+        gate.release(3)  # prompt decode and a couple of answer tokens
+        await asyncio.wait_for(leaving.first_message.wait(), 10)
+        sid = leaving.sio.get_sid()
+        await leaving.sio.disconnect()
+        for _ in range(500):  # the server has seen the disconnect
+            if not app[SIO].manager.is_connected(sid, "/"):
+                break
+            await asyncio.sleep(0.01)
+        gate.release(10_000)  # from now on the engine runs freely
+        for _ in range(500):
+            if engine.stats()["slots_busy"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = engine.stats()
+        assert stats["slots_busy"] == 0 and stats["generated"] < 20  # not 500
+        final = await staying.generate("hi")
+        assert final["finish_reason"] == "length" and final["data"] == "a" * 500
+    finally:
+        gate.release(10_000)
+        await leaving.close()
+        await staying.close()

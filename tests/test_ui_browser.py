@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chatkit import free_port
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
@@ -65,12 +65,6 @@ def chromium_binaries() -> tuple[str, str]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
@@ -90,7 +84,7 @@ def live_server(tmp_path: Path, default_model_path: Path) -> Iterator[str]:
     data.mkdir()
     (data / "local_config.yaml").write_text(
         "override_personality_model_parameters: true\ntemperature: 0.0\nn_predict: 160\n")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "lollms_fast", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data), "--model", str(default_model_path),
            "--n-threads", "2", "--parallel", "2", "--ctx-size", "1024"]

@@ -121,24 +121,9 @@ class Sampler:
                 logits[t] = v * pen if v <= 0 else v / pen
 
 
-def _pick(values: list[float], m: int, temperature: float, u: float) -> int:
-    top = values[0]
-    weights = [math.exp((values[j] - top) / temperature) for j in range(m)]
-    total = 0.0
-    for w in weights:
-        total += w
-    r = u * total
-    cum = 0.0
-    for j, w in enumerate(weights):
-        cum += w
-        if cum > r:
-            return j
-    return m - 1
-
-
-def _sample_unsorted(logits: npt.NDArray[np.float32], temperature: float, u: float) -> int:
-    top = float(logits[greedy(logits)])
-    weights = [math.exp((float(x) - top) / temperature) for x in logits]
+def _draw(weights: list[float], u: float) -> int:
+    """The index where the running sum of `weights` first passes u * their total (summed
+    in order, as the native code does, so both pick the same index)."""
     total = 0.0
     for w in weights:
         total += w
@@ -149,3 +134,13 @@ def _sample_unsorted(logits: npt.NDArray[np.float32], temperature: float, u: flo
         if cum > r:
             return j
     return len(weights) - 1
+
+
+def _pick(values: list[float], m: int, temperature: float, u: float) -> int:
+    top = values[0]
+    return _draw([math.exp((values[j] - top) / temperature) for j in range(m)], u)
+
+
+def _sample_unsorted(logits: npt.NDArray[np.float32], temperature: float, u: float) -> int:
+    top = float(logits[greedy(logits)])
+    return _draw([math.exp((float(x) - top) / temperature) for x in logits], u)

@@ -151,15 +151,12 @@ def create_socketio(config: Config, app: web.Application | None = None
                 await sio.eio.send(eio_sid, "2" + orjson.dumps([event, payload]).decode())
         return emit
 
-    def tracker(conn: Connection) -> Any:
+    def tracker(sid: str, conn: Connection) -> Any:
         def on_start(generation: Generation) -> None:
             conn.generations.add(generation)
-            if sid_gone(conn):  # disconnected while the generation was being set up
+            if connections.get(sid) is not conn:  # disconnected while it was being set up
                 generation.cancel()
         return on_start
-
-    def sid_gone(conn: Connection) -> bool:
-        return not any(c is conn for c in connections.values())
 
     async def run_generation(sid: str, data: Any, regenerate: bool) -> None:
         conn = connections.get(sid)
@@ -172,10 +169,10 @@ def create_socketio(config: Config, app: web.Application | None = None
             if regenerate:
                 await chat.generate_msg_from(conn.session, emitter(sid), body.get("id"),
                                              body.get("prompt"), delta=conn.delta,
-                                             on_start=tracker(conn))
+                                             on_start=tracker(sid, conn))
             else:
                 await chat.generate_msg(conn.session, emitter(sid), body.get("prompt"),
-                                        delta=conn.delta, on_start=tracker(conn))
+                                        delta=conn.delta, on_start=tracker(sid, conn))
         finally:
             conn.generations.intersection_update(before)
 

@@ -353,14 +353,12 @@ class _Checkpointer:
         self.interval = interval
         self.last = time.monotonic()
         self.pending: asyncio.Task[bool] | None = None
-        self.saves = 0
 
     def maybe_save(self, text: str) -> None:
         now = time.monotonic()
         if now - self.last < self.interval or (self.pending and not self.pending.done()):
             return
         self.last = now
-        self.saves += 1
         self.pending = asyncio.ensure_future(self.store.update_content(self.message_id, text))
 
     async def close(self, text: str) -> None:
