@@ -116,6 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
             lo=1024, hi=2**34),
     Setting("durable", bool, False, "SQLite synchronous=FULL instead of NORMAL."),
     Setting("ui_dir", str, "", "Serve the web UI from this folder instead of the built-in one."),
+    Setting("allow_private_downloads", bool, False,
+            "Let install_model download from loopback and private-network addresses."),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

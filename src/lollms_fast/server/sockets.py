@@ -92,9 +92,8 @@ def wants_delta(environ: dict[str, Any], auth: Any) -> bool:
     return "delta" in query.get("stream", [])
 
 
-def create_socketio(config: Config, app: web.Application | None = None
-                    ) -> socketio.AsyncServer:
-    """The server; with `app`, the lollms events are served from that app's services."""
+def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServer:
+    """The Socket.IO server, its lollms events served from `app`'s services."""
     sio = socketio.AsyncServer(
         async_mode="aiohttp",
         cors_allowed_origins=allowed_origins(config),
@@ -121,10 +120,9 @@ def create_socketio(config: Config, app: web.Application | None = None
             if not key_matches(expected, presented):
                 log.info("refused Socket.IO connection %s: missing or wrong API key", sid)
                 return False
-        if app is not None and SESSIONS in app:
-            cookie = request.cookies.get(COOKIE_NAME) if request is not None else None
-            session, _ = app[SESSIONS].get_or_create(cookie)
-            connections[sid] = Connection(session, wants_delta(environ, auth))
+        cookie = request.cookies.get(COOKIE_NAME) if request is not None else None
+        session, _ = app[SESSIONS].get_or_create(cookie)
+        connections[sid] = Connection(session, wants_delta(environ, auth))
         log.debug("socket connected %s", sid)
         return True
 
@@ -135,9 +133,6 @@ def create_socketio(config: Config, app: web.Application | None = None
             for generation in list(conn.generations):
                 generation.cancel()  # the chat service saves the partial answer
         log.debug("socket disconnected %s", sid)
-
-    if app is None:
-        return sio
 
     def emitter(sid: str) -> Any:
         async def emit(event: str, payload: dict[str, Any]) -> None:
