@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sampling import default_model  # noqa: E402
-from rawloop import RawContext  # noqa: E402
-from table import Table, write_json  # noqa: E402
+from bench_sampling import default_model
+from rawloop import RawContext
+from table import Table, write_json
 
-from lollms_fast._native import USING_EXTENSIONS  # noqa: E402
-from lollms_fast.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
-from lollms_fast.engine.backend import Backend, BackendParams  # noqa: E402
+from lollms_fast._native import USING_EXTENSIONS
+from lollms_fast.engine import Engine, GenerationRequest, SamplingParams
+from lollms_fast.engine.backend import Backend, BackendParams
 
 PROMPTS = json.loads((Path(__file__).parent / "prompts.json").read_text())
 PARALLEL, CTX_SLOT, N_BATCH, THREADS = 8, 512, 512, 2
@@ -105,7 +105,7 @@ def main() -> None:
         batch = prompts[:k]
         r = raw.batched_greedy(batch, n)
         _, counts, _, wall = loop.run_until_complete(engine_run(engine, batch, n))
-        for seq, (raw_tokens, count) in enumerate(zip(r.tokens, counts)):
+        for seq, (raw_tokens, count) in enumerate(zip(r.tokens, counts, strict=True)):
             if count != len(raw_tokens) and count < n and len(raw_tokens) == n:
                 count_errors.append(f"{k} streams, request {seq}: {count} vs {len(raw_tokens)}")
         if record:

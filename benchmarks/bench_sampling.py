@@ -23,10 +23,10 @@ import numpy as np
 from llama_cpp import llama_cpp as C
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rawloop import RawContext  # noqa: E402
-from table import Table, write_json  # noqa: E402
+from rawloop import RawContext
+from table import Table, write_json
 
-from lollms_fast._native import USING_EXTENSIONS, sampling  # noqa: E402
+from lollms_fast._native import USING_EXTENSIONS, sampling
 
 PARAMS = dict(temperature=0.9, top_k=50, top_p=0.95, repeat_penalty=1.2, repeat_last_n=40)
 

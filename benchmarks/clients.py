@@ -43,7 +43,7 @@ class Stream:
 
     def gaps(self) -> list[float]:
         t = self.piece_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
 
 
 class LollmsClient:

@@ -54,7 +54,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -155,7 +154,7 @@ class Cpu:
         self.start: tuple[float, float] | None = None
         self.total_s = self.loop_s = 0.0
 
-    def first(self, s: Stream) -> None:  # the clients' on_piece hook
+    def first(self, _stream: Stream) -> None:  # the clients' on_piece hook
         if self.start is None:
             self.start = (self.server.cpu_s(), self.server.main_thread_cpu_s())
 
@@ -407,7 +406,7 @@ class Bench:
         for c in clients[:k]:
             await c.new_discussion()
         t0 = time.perf_counter()
-        futures = [await c.start(p) for c, p in zip(clients, prompts)]
+        futures = [await c.start(p) for c, p in zip(clients, prompts, strict=True)]
         lol = await asyncio.wait_for(asyncio.gather(*futures), 600)
         lol_wall = max(s.t_end for s in lol) - t0
         t0 = time.perf_counter()
@@ -566,7 +565,7 @@ class Bench:
             # the seeded discussions 1..8 are empty: streaming there adds no discussion, so
             # bench_rest's check of the listing's length still holds
             await c.load_discussion(i + 1)
-            c.on_piece = lambda s: streaming[i].set()
+            c.on_piece = lambda _stream: streaming[i].set()
             while not stop.is_set():
                 await c.generate(PROMPTS[i % len(PROMPTS)])
 

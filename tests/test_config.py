@@ -13,6 +13,7 @@ from lollms_fast.config import (
     Config,
     ConfigError,
     load_config,
+    reload_keys,
     validate,
 )
 from lollms_fast.errors import BadRequest
@@ -106,8 +107,8 @@ def test_updated_is_all_or_nothing(tmp_path: Path) -> None:
     assert cfg.top_k == 50
     new = cfg.updated({"top_k": "10"})
     assert new.top_k == 10 and cfg.top_k == 50
-    assert new.changed_reload_keys(cfg) == []
-    assert cfg.updated({"ctx_size": 4096}).changed_reload_keys(cfg) == ["ctx_size"]
+    assert reload_keys(cfg, new) == []
+    assert reload_keys(cfg, cfg.updated({"ctx_size": 4096})) == ["ctx_size"]
 
 
 def test_save_keeps_unknown_keys_and_is_atomic(tmp_path: Path) -> None:

@@ -49,6 +49,9 @@ class RecordingLoader:
         self.loaded.append(config)
         return self
 
+    def stats(self) -> dict[str, int]:  # what close_engine polls while it drains
+        return {"slots_busy": 0, "queued": 0}
+
     def close(self) -> None:
         self.closed += 1
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_MODEL_FILE, Config, ConfigError, load_config
-from .errors import ModelLoadError
+from .config import DEFAULT_MODEL_FILE, Config, load_config
+from .errors import LollmsError
 from .modelfiles import list_models, resolve_model, stderr_progress
 
 COMMANDS = ("serve", "models")
@@ -116,12 +116,12 @@ def cmd_serve(config: Config) -> int:
     try:
         model_path = resolve_model(config.model, config.models_dir, DEFAULT_MODEL_FILE,
                                    progress=stderr_progress("assembling default model"))
-    except ModelLoadError as exc:
+    except LollmsError as exc:  # a model, database or personality that cannot be used
         print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
         return 2
     app = build_app(config)
 
-    async def banner(app: web.Application) -> None:
+    async def banner(_app: web.Application) -> None:
         url = f"http://{config.host}:{config.port}/"
         log.info("lollms-fast %s serving on %s", __version__, url)
         log.info("model %s | threads %d | slots %d | ctx %d per slot | data %s",
@@ -134,7 +134,7 @@ def cmd_serve(config: Config) -> int:
         web.run_app(app, host=config.host, port=config.port, print=None,
                     shutdown_timeout=3.0, access_log=None, handle_signals=True,
                     loop=new_event_loop())
-    except ModelLoadError as exc:
+    except LollmsError as exc:  # a model, database or personality that cannot be used
         print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -150,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         config = load_config(flags)
-    except ConfigError as exc:
-        print(f"lollms-fast: error: {exc}", file=sys.stderr)
+    except LollmsError as exc:
+        print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
         return 2
     if args.command == "models":
         return cmd_models(config)

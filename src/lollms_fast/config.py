@@ -19,7 +19,8 @@ from typing import Any
 import psutil
 import yaml
 
-from .errors import BadRequest
+from .errors import BadRequest, LollmsError
+from .parsing import parse_int
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 CONFIG_FILE_NAME = "local_config.yaml"
@@ -124,24 +125,68 @@ SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 # keys that only the command line / environment decide (the file cannot move the data dir)
 _NOT_FROM_FILE = frozenset({"data_dir"})
+# what reset_settings keeps: where the data lives, the key and the UI (SPEC section 3)
+KEPT_ON_RESET = ("data_dir", "db_path", "api_key", "ui_dir")
 
 
-def _field(s: Setting) -> Any:
+def _default(name: str) -> Any:
+    """The dataclass field of setting `name`, its default taken from SETTINGS."""
+    s = SETTINGS_BY_NAME[name]
     if s.factory is not None:
         return field(default_factory=s.factory)
     return field(default=s.default)
 
 
-def _make_config_class() -> type:
-    fields = [(s.name, s.type, _field(s)) for s in SETTINGS]
-    fields.append(("extra", dict, field(default_factory=dict)))
-    return dataclasses.make_dataclass(
-        "_ConfigBase", fields, frozen=True, kw_only=True
-    )
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The effective configuration. Immutable: `updated()` returns a new one.
 
+    One field per entry of SETTINGS, in its order and of its type (checked at import), so
+    that every setting is typed for callers; `extra` holds the file's unknown keys, and
+    `overrides` what the environment and the command line set (reset_settings keeps it).
+    """
 
-class Config(_make_config_class()):  # type: ignore[misc]
-    """The effective configuration. Immutable: `updated()` returns a new one."""
+    auto_read: bool = _default("auto_read")
+    binding: str = _default("binding")
+    config: str = _default("config")
+    ctx_size: int = _default("ctx_size")
+    db_path: str = _default("db_path")
+    debug: bool = _default("debug")
+    host: str = _default("host")
+    language: str = _default("language")
+    model: str = _default("model")
+    n_predict: int = _default("n_predict")
+    n_threads: int = _default("n_threads")
+    nb_messages_to_remember: int = _default("nb_messages_to_remember")
+    override_personality_model_parameters: bool = _default(
+        "override_personality_model_parameters")
+    personality: str = _default("personality")
+    personality_category: str = _default("personality_category")
+    personality_language: str = _default("personality_language")
+    port: int = _default("port")
+    repeat_last_n: int = _default("repeat_last_n")
+    repeat_penalty: float = _default("repeat_penalty")
+    seed: int = _default("seed")
+    temperature: float = _default("temperature")
+    top_k: int = _default("top_k")
+    top_p: float = _default("top_p")
+    use_avx2: bool = _default("use_avx2")
+    use_gpu: bool = _default("use_gpu")
+    use_new_ui: bool = _default("use_new_ui")
+    version: int = _default("version")
+    voice: str = _default("voice")
+    data_dir: str = _default("data_dir")
+    parallel: int = _default("parallel")
+    n_batch: int = _default("n_batch")
+    queue_size: int = _default("queue_size")
+    api_key: str = _default("api_key")
+    allowed_origins: str = _default("allowed_origins")
+    max_body_size: int = _default("max_body_size")
+    durable: bool = _default("durable")
+    ui_dir: str = _default("ui_dir")
+    allow_private_downloads: bool = _default("allow_private_downloads")
+    extra: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     # --- derived paths ---
     @property
@@ -195,9 +240,33 @@ class Config(_make_config_class()):  # type: ignore[misc]
                                                  allow_unicode=True))
         return target
 
-    def changed_reload_keys(self, other: Config) -> list[str]:
-        return [s.name for s in SETTINGS
-                if s.reload and getattr(self, s.name) != getattr(other, s.name)]
+
+
+def _check_fields() -> None:
+    """Config declares exactly the settings of SETTINGS, in order, with their types."""
+    declared = [(f.name, f.type) for f in dataclasses.fields(Config)]
+    expected = [(s.name, s.type.__name__) for s in SETTINGS]
+    expected += [("extra", "dict[str, Any]"), ("overrides", "dict[str, Any]")]
+    if declared != expected:
+        raise TypeError(f"Config fields differ from SETTINGS: {declared} != {expected}")
+
+
+_check_fields()
+
+
+def reload_keys(old: Config, new: Config) -> list[str]:
+    """The engine-level settings (`reload`) whose value differs between two configs: the
+    one place that decides whether a change needs a new engine."""
+    return [s.name for s in SETTINGS
+            if s.reload and getattr(old, s.name) != getattr(new, s.name)]
+
+
+def reset_config(config: Config) -> Config:
+    """The defaults with the environment and command line applied (what this process would
+    start with without local_config.yaml), keeping KEPT_ON_RESET and the unknown keys."""
+    kept = {name: getattr(config, name) for name in KEPT_ON_RESET}
+    return Config(extra=config.extra, overrides=config.overrides,
+                  **{**config.overrides, **kept})
 
 
 # ---------------------------------------------------------------- validation
@@ -218,18 +287,13 @@ def _to_bool(name: str, value: Any) -> bool:
 
 
 def _to_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise BadRequest(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
+    """Settings also come from YAML, the environment and old UIs: integral floats and text
+    with surrounding blanks are accepted, then the one strict parser decides."""
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip(), 10)
-        except ValueError:
-            pass
-    raise BadRequest(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    elif isinstance(value, str):
+        value = value.strip()
+    return parse_int(name, value)
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -278,7 +342,7 @@ def validate(name: str, value: Any) -> Any:
 # ---------------------------------------------------------------- loading
 
 
-class ConfigError(Exception):
+class ConfigError(LollmsError):
     """The configuration file or environment is unusable (reported as one line by the CLI)."""
 
 
@@ -323,6 +387,7 @@ def load_config(
 
     extra = {k: v for k, v in from_file.items() if k not in SETTINGS_BY_NAME}
     values: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
     for layer_name, layer in (("file " + str(config_file), from_file), ("environment", env),
                               ("command line", flags)):
         for name, value in layer.items():
@@ -334,8 +399,10 @@ def load_config(
                 values[name] = validate(name, value)
             except BadRequest as exc:
                 raise ConfigError(f"{layer_name}: {exc.message}") from None
+            if layer is not from_file:
+                overrides[name] = values[name]
     values["data_dir"] = str(Path(data_dir).expanduser())
-    return Config(extra=extra, **values)
+    return Config(extra=extra, overrides=overrides, **values)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -8,14 +8,14 @@ compiled module is an error at import (never a silent, slow fallback).
 from __future__ import annotations
 
 import os
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 USING_EXTENSIONS = os.environ.get("LOLLMS_FAST_NO_EXTENSIONS", "") not in ("1", "true", "yes")
 
-sampling: ModuleType
-stops: ModuleType
-
-if USING_EXTENSIONS:
+if TYPE_CHECKING:  # callers are checked against the stubs (_sampling.pyi, _stops.pyi)
+    from . import _sampling as sampling
+    from . import _stops as stops
+elif USING_EXTENSIONS:
     try:
         from . import _sampling as sampling
         from . import _stops as stops

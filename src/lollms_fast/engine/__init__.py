@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from .loader import backend_params, load_engine
 from .scheduler import (
-    CANCELLED,
-    ERROR,
-    LENGTH,
-    STOP,
     Engine,
     Finish,
+    FinishReason,
     Generation,
     GenerationRequest,
     SamplingParams,
 )
 
 __all__ = [
-    "CANCELLED", "ERROR", "LENGTH", "STOP", "Engine", "Finish", "Generation",
-    "GenerationRequest", "SamplingParams", "backend_params", "load_engine",
+    "Engine", "Finish", "FinishReason", "Generation", "GenerationRequest", "SamplingParams",
+    "backend_params", "load_engine",
 ]

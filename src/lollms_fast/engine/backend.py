@@ -1,8 +1,8 @@
 """The llama.cpp backend: the only module that imports `llama_cpp`.
 
-It loads a GGUF model and creates a context through llama-cpp-python's low-level API.
-Everything here runs on the engine thread, except `load`, which the app runs in an executor
-before the engine starts.
+It loads a GGUF model and creates a context through llama-cpp-python's low-level API. The
+constructor runs in a worker thread (engine/loader.py) before the engine starts; after that,
+everything here runs on the engine thread, except `tokenize` (the vocabulary is read-only).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import llama_cpp
 import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as C
@@ -30,7 +30,7 @@ _backend_ready = False
 
 
 @C.llama_log_callback
-def _log_to_logging(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _log_to_logging(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama-cpp-python's own callback maps the levels wrongly and prints warnings to stderr;
     # llama.cpp's chatter goes to our logger (errors shown, the rest at debug)
     py_level = _GGML_LEVELS.get(level, logging.DEBUG)
@@ -92,9 +92,6 @@ class Backend:
         self.ctx = ctx
         self.vocab = C.llama_model_get_vocab(model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
-        desc = ctypes.create_string_buffer(256)
-        C.llama_model_desc(model, desc, len(desc))
-        self.description = desc.value.decode("utf-8", "replace")
         self._memory = C.llama_get_memory(ctx)
         # token id -> its bytes, filled on first use (a piece is never re-fetched, and the
         # answer is never re-detokenized as a whole)
@@ -120,7 +117,8 @@ class Backend:
 
     def _bind(self, batch: Batch) -> None:
         """Point the llama_batch at the numpy arrays of `batch` (once per Batch object)."""
-        lb = self._lbatch
+        # llama-cpp-python declares these pointer fields as arrays; they take pointers
+        lb: Any = self._lbatch
         i32 = ctypes.POINTER(ctypes.c_int32)
         lb.token = batch.token.ctypes.data_as(i32)
         lb.embd = None
@@ -186,7 +184,3 @@ class Backend:
         if getattr(self, "model", None):
             C.llama_model_free(self.model)
             self.model = None
-
-
-def llama_cpp_version() -> str:
-    return str(getattr(llama_cpp, "__version__", "unknown"))

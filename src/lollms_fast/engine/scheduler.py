@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +33,18 @@ from .batch import Batch, ModelBackend
 
 log = logging.getLogger("lollms_fast.engine")
 
-STOP = "stop"  # end-of-generation token or anti-prompt
-LENGTH = "length"  # n_predict reached, or the slot's context is full
-CANCELLED = "cancelled"
-ERROR = "error"
+
+
+class FinishReason(str, Enum):
+    """Why a generation ended (its value is what clients receive as `finish_reason`)."""
+
+    STOP = "stop"  # end-of-generation token or anti-prompt
+    LENGTH = "length"  # n_predict reached, or the slot's context is full
+    CANCELLED = "cancelled"  # stop_gen, a client that went away, shutdown
+    ERROR = "error"  # the request failed; `Finish.error` says why
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Finish:
-    reason: str  # STOP | LENGTH | CANCELLED | ERROR
-    error: str | None  # the message when reason == ERROR
+    reason: FinishReason
+    error: str | None  # the message when reason is ERROR
     n_prompt: int
     n_reused: int  # prompt tokens taken from the slot's cached prefix (not decoded)
     n_generated: int  # tokens sampled
@@ -147,6 +155,14 @@ class SlotState(Enum):
     GENERATING = 2
 
 
+@dataclass(slots=True)
+class _Update:
+    """What one engine step produced for one request: new text, and the finish if it ended."""
+
+    text: str
+    finish: Finish | None
+
+
 class _Slot:
     """One sequence of the unified KV cache. `cached` mirrors the positions held there."""
 
@@ -160,7 +176,7 @@ class _Slot:
         self.pending: Sequence[int] = ()  # prompt tokens still to decode
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: TokenSampler | None = None
-        self.detector: Any = None
+        self.detector: stops.StopDetector | None = None
         self.parts: list[str] = []
         self.n_prompt = 0
         self.n_reused = 0
@@ -196,7 +212,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._clock = 0  # steps, for least-recently-used slot choice
         self._admissions = 0
-        self._updates: dict[Generation, list[Any]] = {}  # this step's [text, finish] per request
+        self._updates: dict[Generation, _Update] = {}  # what this step produced, per request
         self._totals = {"prompt_decoded": 0, "prompt_reused": 0, "generated": 0, "steps": 0,
                         "requests": 0, "errors": 0}
 
@@ -281,7 +297,8 @@ class Engine:
                 for slot in self._slots:
                     if slot.gen is not None:
                         self._reset_kv(slot)
-                        self._end(slot, ERROR, f"engine failure: {type(exc).__name__}: {exc}")
+                        self._end(slot, FinishReason.ERROR,
+                                  f"engine failure: {type(exc).__name__}: {exc}")
             self._deliver()
         self._shutdown()
 
@@ -303,7 +320,7 @@ class Engine:
         for gen in generations:
             tokens = gen.request.tokens
             if gen.cancelled:
-                self._finish_unslotted(gen, CANCELLED, None)
+                self._finish_unslotted(gen, FinishReason.CANCELLED, None)
                 continue
             slot = self._pick_slot(tokens)
             # at least the last prompt token is decoded: its logits give the first answer token
@@ -323,7 +340,7 @@ class Engine:
                 slot.sampler = self._sampler_factory(gen.request)
                 slot.detector = stops.StopDetector(gen.request.anti_prompts)
             except Exception as exc:
-                self._end(slot, ERROR, f"bad sampling parameters: {exc}")
+                self._end(slot, FinishReason.ERROR, f"bad sampling parameters: {exc}")
                 continue
             self._totals["prompt_reused"] += reuse
             self._totals["requests"] += 1
@@ -348,7 +365,7 @@ class Engine:
     def _step(self) -> None:
         for slot in self._slots:
             if slot.gen is not None and slot.gen.cancelled:
-                self._end(slot, CANCELLED)
+                self._end(slot, FinishReason.CANCELLED)
         self._clock += 1
         batch = self._batch
         batch.clear()
@@ -399,7 +416,7 @@ class Engine:
                 self.backend.seq_rm(slot.seq_id, len(slot.cached), -1)
                 reason = ("the context has no room left" if rc == 1
                           else "the model could not decode this input")
-                self._end(slot, ERROR, f"llama_decode failed ({rc}): {reason}")
+                self._end(slot, FinishReason.ERROR, f"llama_decode failed ({rc}): {reason}")
 
     def _advance(self, slot: _Slot, tokens: Sequence[int], index: int) -> None:
         """`tokens` are now in the slot's KV; sample if their logits came out."""
@@ -409,29 +426,29 @@ class Engine:
             self._totals["prompt_decoded"] += len(tokens)
         if index < 0:
             return
-        assert slot.sampler is not None and slot.gen is not None
+        assert slot.sampler is not None and slot.gen is not None and slot.detector is not None
         token = slot.sampler.sample(self.backend.logits(index))
         slot.sampler.accept(token)
         slot.n_generated += 1
         self._totals["generated"] += 1
         if self.backend.is_eog(token):
-            self._end(slot, STOP)
+            self._end(slot, FinishReason.STOP)
             return
         text = slot.detector.feed(self.backend.piece(token))
         if text:
             slot.parts.append(text)
             self._emit(slot.gen, text)
         if slot.detector.stopped:
-            self._end(slot, STOP)
+            self._end(slot, FinishReason.STOP)
         elif slot.n_generated >= slot.gen.request.params.n_predict:
-            self._end(slot, LENGTH)
+            self._end(slot, FinishReason.LENGTH)
         elif len(slot.cached) >= self.n_ctx_slot:  # no position left for this token
-            self._end(slot, LENGTH)
+            self._end(slot, FinishReason.LENGTH)
         else:
             slot.next_token = token
             slot.state = SlotState.GENERATING
 
-    def _end(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+    def _end(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
         gen = slot.gen
         assert gen is not None
         tail = slot.detector.finish() if slot.detector is not None else ""
@@ -447,12 +464,12 @@ class Engine:
         slot.pending, slot.parts = (), []
         self._release(reason)
 
-    def _finish_unslotted(self, gen: Generation, reason: str, error: str | None) -> None:
+    def _finish_unslotted(self, gen: Generation, reason: FinishReason, error: str | None) -> None:
         self._emit(gen, "", Finish(reason, error, len(gen.request.tokens), 0, 0, ""))
         self._release(reason)
 
-    def _release(self, reason: str) -> None:
-        if reason == ERROR:
+    def _release(self, reason: FinishReason) -> None:
+        if reason is FinishReason.ERROR:
             self._totals["errors"] += 1
         with self._cond:
             self._outstanding -= 1
@@ -464,19 +481,19 @@ class Engine:
     def _emit(self, gen: Generation, text: str, finish: Finish | None = None) -> None:
         update = self._updates.get(gen)
         if update is None:
-            self._updates[gen] = [text, finish]
+            self._updates[gen] = _Update(text, finish)
         else:
-            update[0] += text
+            update.text += text
             if finish is not None:
-                update[1] = finish
+                update.finish = finish
 
     def _deliver(self) -> None:
         """Hand this step's results to asyncio: one call per event loop."""
         if not self._updates:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, str, Finish | None]]] = {}
-        for gen, (text, finish) in self._updates.items():
-            by_loop.setdefault(gen._loop, []).append((gen, text, finish))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, _Update]]] = {}
+        for gen, update in self._updates.items():
+            by_loop.setdefault(gen._loop, []).append((gen, update))
         self._updates = {}
         for loop, items in by_loop.items():
             try:
@@ -488,15 +505,15 @@ class Engine:
         """Cancel every request, running or waiting (on the engine thread, or in `close`)."""
         for slot in self._slots:
             if slot.gen is not None:
-                self._end(slot, CANCELLED)
+                self._end(slot, FinishReason.CANCELLED)
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
         for gen in waiting:
-            self._finish_unslotted(gen, CANCELLED, None)
+            self._finish_unslotted(gen, FinishReason.CANCELLED, None)
         self._deliver()
 
 
-def _push_all(items: list[tuple[Generation, str, Finish | None]]) -> None:
-    for gen, text, finish in items:
-        gen._push(text, finish)
+def _push_all(items: list[tuple[Generation, _Update]]) -> None:
+    for gen, update in items:
+        gen._push(update.text, update.finish)

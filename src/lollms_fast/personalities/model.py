@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import LollmsError
+
 # the keys of the seed's /get_current_personality example, in the 2023 file format
 STRING_KEYS = ("author", "version", "name", "user_name", "language", "category",
                "personality_description", "personality_conditioning", "welcome_message",
@@ -35,7 +37,7 @@ AVATAR_NAMES = ("logo.gif", "logo.webp", "logo.png", "logo.jpg", "logo.jpeg", "l
 _TEMPLATE = re.compile(r"\{\{(\w+)\}\}")
 
 
-class PersonalityError(ValueError):
+class PersonalityError(LollmsError, ValueError):
     """A personality folder whose config.yaml is unusable."""
 
 
@@ -84,6 +86,19 @@ def _check(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    """The personality's `model_*` sampling values (used unless the config overrides them);
+    `n_predict` 0 means "the config's"."""
+
+    temperature: float
+    n_predict: int
+    top_k: int
+    top_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+
+
+@dataclass(frozen=True)
 class Personality:
     language: str  # folder names (what the config's personality_* keys hold)
     category: str
@@ -123,6 +138,19 @@ class Personality:
     @property
     def anti_prompts(self) -> list[str]:
         return list(self.data["anti_prompts"])
+
+    @property
+    def user_name(self) -> str:
+        return str(self.data["user_name"])
+
+    @property
+    def model_params(self) -> ModelParams:
+        d = self.data
+        return ModelParams(temperature=float(d["model_temperature"]),
+                           n_predict=int(d["model_n_predicts"]), top_k=int(d["model_top_k"]),
+                           top_p=float(d["model_top_p"]),
+                           repeat_penalty=float(d["model_repeat_penalty"]),
+                           repeat_last_n=int(d["model_repeat_last_n"]))
 
     def conditioning(self, now: _dt.datetime | None = None) -> str:
         return expand(str(self.data["personality_conditioning"]), now)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..errors import BadRequest
+from ..parsing import parse_int
 
-_INT_RE = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+__all__ = ["parse_int", "query_int", "query_str", "read_json_object", "require_field",
+           "require_id"]
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -37,21 +38,6 @@ def query_int(request: web.Request, name: str) -> int:
     raw = query_str(request, name)
     assert raw is not None
     return parse_int(name, raw)
-
-
-def parse_int(name: str, value: Any) -> int:
-    """An integer id from JSON or a query string; rejects bools, floats, junk, huge values."""
-    if isinstance(value, bool):
-        raise BadRequest(f"{name} must be an integer")
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, str) and _INT_RE.fullmatch(value):
-        result = int(value)
-    else:
-        raise BadRequest(f"{name} must be an integer")
-    if not -(2**63) <= result < 2**63:
-        raise BadRequest(f"{name} is out of range")
-    return result
 
 
 def require_field(data: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:

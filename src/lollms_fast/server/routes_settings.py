@@ -39,30 +39,35 @@ async def apply_settings(request: web.Request) -> web.Response:
 @routes.get("/set_personality_language")
 async def set_personality_language(request: web.Request) -> web.Response:
     language = query_str(request, "language")
-    await request.app[SETTINGS].switch({"personality_language": language})
+    await request.app[SETTINGS].change({"personality_language": language})
     return json_response({"status": True})
 
 
 @routes.get("/set_personality_category")
 async def set_personality_category(request: web.Request) -> web.Response:
     category = query_str(request, "category")
-    await request.app[SETTINGS].switch({"personality_category": category})
+    await request.app[SETTINGS].change({"personality_category": category})
     return json_response({"status": True})
 
 
 @routes.post("/set_binding")
 async def set_binding(request: web.Request) -> web.Response:
     binding = require_field(await read_json_object(request), "binding", str)
-    return json_response(await request.app[SETTINGS].switch({"binding": binding}))
+    return json_response(await request.app[SETTINGS].change({"binding": binding}))
 
 
 @routes.post("/set_model")
 async def set_model(request: web.Request) -> web.Response:
     model = require_field(await read_json_object(request), "model", str)
-    return json_response(await request.app[SETTINGS].switch({"model": model}))
+    return json_response(await request.app[SETTINGS].change({"model": model}))
 
 
 @routes.post("/update_model_params")
 async def update_model_params(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     return json_response(await request.app[SETTINGS].update_model_params(body))
+
+
+@routes.post("/reset_settings")
+async def reset_settings(request: web.Request) -> web.Response:
+    return json_response(await request.app[SETTINGS].reset())

@@ -19,14 +19,22 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Config
-from ..engine.scheduler import Finish, Generation, GenerationRequest, SamplingParams
+from ..engine.scheduler import (
+    Engine,
+    Finish,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    SamplingParams,
+)
 from ..errors import BadRequest, Conflict, LollmsError, NotFound
+from ..parsing import parse_id
 from ..personalities.model import Personality
 from ..storage.discussions import MSG_CONDITIONING, MSG_NORMAL, DiscussionStore, NewMessage
 from .discussions import DiscussionService
-from .history import branch, default_leaf
+from .history import branch, default_leaf, history_turns
 from .personalities import PersonalityService
-from .prompt import BuiltPrompt, PromptStyle, Turn, build_prompt
+from .prompt import BuiltPrompt, PromptStyle, build_prompt
 from .sessions import ClientSession
 from .settings import SettingsService
 
@@ -35,22 +43,17 @@ log = logging.getLogger("lollms_fast.chat")
 USER_SENDER = "user"  # the 2023 server hard-coded it
 UNTITLED = "untitled"
 CHECKPOINT_INTERVAL_S = 1.0
-# the prompt always keeps at least this share of the context, however large n_predict is
-MIN_PROMPT_SHARE = 4
+# history may always use 1/HISTORY_SHARE of the context, however large n_predict is
+HISTORY_SHARE = 4
+# a message is accepted while it leaves 1/MIN_ANSWER_SHARE of the context (or n_predict)
+MIN_ANSWER_SHARE = 8
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
-
-
-class EngineLike(Protocol):
-    n_ctx_slot: int
-
-    def submit(self, request: GenerationRequest) -> Generation: ...
-
-    def tokenize(self, text: str, add_bos: bool) -> list[int]: ...
+OnStart = Callable[[Generation], None]
 
 
 class EngineSource(Protocol):
-    current: Any  # the running engine, or None while there is no model
+    current: Engine | None  # the running engine, or None while there is no model
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,34 @@ class Target:
     conditioning: str | None  # the discussion's stored conditioning row, if it has one
 
 
+MakeTarget = Callable[[Personality], Awaitable[Target]]
+
+
 def sampling_params(config: Config, personality: Personality) -> SamplingParams:
     """The personality's model_* values unless the config overrides them (SPEC section 5).
-    n_predict is capped so the prompt keeps a share of the context."""
+    n_predict is a maximum: the answer also ends (`length`) where the slot's context does."""
     if config.override_personality_model_parameters:
-        values = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                      repeat_penalty=config.repeat_penalty,
-                      repeat_last_n=config.repeat_last_n, n_predict=config.n_predict)
-    else:
-        d = personality.data
-        values = dict(temperature=d["model_temperature"], top_k=d["model_top_k"],
-                      top_p=d["model_top_p"], repeat_penalty=d["model_repeat_penalty"],
-                      repeat_last_n=d["model_repeat_last_n"],
-                      n_predict=d["model_n_predicts"] or config.n_predict)
-    cap = config.ctx_size - config.ctx_size // MIN_PROMPT_SHARE
-    values["n_predict"] = max(1, min(int(values["n_predict"]), cap))
-    return SamplingParams(seed=config.seed, **values)
+        return SamplingParams(temperature=config.temperature, top_k=config.top_k,
+                              top_p=config.top_p, repeat_penalty=config.repeat_penalty,
+                              repeat_last_n=config.repeat_last_n, n_predict=config.n_predict,
+                              seed=config.seed)
+    m = personality.model_params
+    return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p,
+                          repeat_penalty=m.repeat_penalty, repeat_last_n=m.repeat_last_n,
+                          n_predict=m.n_predict or config.n_predict, seed=config.seed)
+
+
+def prompt_budgets(n_ctx: int, n_predict: int) -> tuple[int, int]:
+    """(history budget, prompt limit) in tokens for a slot of `n_ctx`.
+
+    History is added, newest turn first, while the prompt stays within `n_ctx - n_predict`
+    (but it may always use a quarter of the context, however large n_predict is). The new
+    message itself is refused only if it leaves less room for the answer than an eighth of
+    the context, or n_predict if that is smaller: n_predict is a maximum, not a reservation.
+    """
+    history_budget = n_ctx - min(n_predict, n_ctx - n_ctx // HISTORY_SHARE)
+    limit = n_ctx - min(n_predict, max(1, n_ctx // MIN_ANSWER_SHARE))
+    return history_budget, limit
 
 
 def anti_prompts(personality: Personality) -> tuple[str, ...]:
@@ -92,21 +107,6 @@ def anti_prompts(personality: Personality) -> tuple[str, ...]:
         if text and text.lower() not in (f.lower() for f in found):
             found.append(text)
     return tuple(found)
-
-
-def prompt_style(personality: Personality, conditioning: str | None) -> PromptStyle:
-    return PromptStyle(
-        conditioning=personality.conditioning() if conditioning is None else conditioning,
-        user_prefix=personality.user_message_prefix,
-        ai_prefix=personality.ai_message_prefix,
-        link=personality.link_text,
-        ai_name=personality.name,
-    )
-
-
-def history_turns(messages: Sequence[Mapping[str, Any]]) -> list[Turn]:
-    return [Turn(str(m["sender"]), str(m["content"])) for m in messages
-            if m["type"] == MSG_NORMAL]
 
 
 def stored_conditioning(path: Sequence[Mapping[str, Any]]) -> str | None:
@@ -138,157 +138,26 @@ class ChatService:
     # ------------------------------------------------------------------ entry points
 
     async def generate_msg(self, session: ClientSession, emit: Emit, prompt: Any,
-                           *, delta: bool = False,
-                           on_start: Callable[[Generation], None] | None = None) -> None:
+                           *, delta: bool = False, on_start: OnStart | None = None) -> None:
         """`generate_msg {"prompt"}`: a new user turn in the client's current discussion."""
-        await self._run(session, emit, delta, on_start,
-                        lambda p: self._new_turn(session, prompt), echo=prompt)
+        answer = _Answer(self, session, emit, delta, on_start, echo=prompt)
+        await answer.run(lambda _personality: self._new_turn(session, prompt))
 
     async def generate_msg_from(self, session: ClientSession, emit: Emit, message_id: Any,
                                 echo: Any = None, *, delta: bool = False,
-                                on_start: Callable[[Generation], None] | None = None
-                                ) -> None:
+                                on_start: OnStart | None = None) -> None:
         """`generate_msg_from {"id"}`: a new answer to message `id`, beside earlier ones."""
-        await self._run(session, emit, delta, on_start,
-                        lambda p: self._regenerate(session, message_id, p), echo=echo)
+        answer = _Answer(self, session, emit, delta, on_start, echo=echo)
+        await answer.run(lambda p: self._regenerate(session, message_id, p))
 
-    # ------------------------------------------------------------------ the run
-
-    async def _run(self, session: ClientSession, emit: Emit, delta: bool,
-                   on_start: Callable[[Generation], None] | None,
-                   make_target: Callable[[Personality], Awaitable[Target]],
-                   echo: Any) -> None:
-        personality = await self.personalities.current()
-        ids: dict[str, Any] = {"user_message_id": None, "ai_message_id": None,
-                               "discussion_id": session.discussion_id}
-        if session.generating:
-            await self._fail(emit, personality, ids, Conflict(
-                "a generation is already running for this client; stop it first"))
-            return
-        engine: EngineLike | None = self.engines.current
-        if engine is None:
-            await self._fail(emit, personality, ids, None, status="model_not_ready",
-                             text="the model is not loaded (yet): check the server log")
-            return
-        session.generating = True
+    def _started(self) -> None:
         self._running += 1
         self._idle.clear()
-        try:
-            await self._generate(session, emit, delta, on_start, engine, personality,
-                                 make_target, echo, ids)
-        finally:
-            session.generating = False
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
 
-    async def _generate(self, session: ClientSession, emit: Emit, delta: bool,
-                        on_start: Callable[[Generation], None] | None, engine: EngineLike,
-                        personality: Personality,
-                        make_target: Callable[[Personality], Awaitable[Target]], echo: Any,
-                        ids: dict[str, Any]) -> None:
-        config = self.settings.config
-        params = sampling_params(config, personality)
-        try:
-            target = await make_target(personality)
-            ids["discussion_id"] = target.discussion_id
-            ids["user_message_id"] = target.user_message_id
-            built = await asyncio.to_thread(self._build, engine, personality, target, config,
-                                            params)
-            generation = engine.submit(GenerationRequest(built.tokens, params,
-                                                         anti_prompts(personality)))
-        except LollmsError as exc:  # bad input, busy engine: nothing was written
-            await self._fail(emit, personality, ids, exc)
-            return
-        except Exception as exc:
-            log.exception("could not start a generation")
-            await self._fail(emit, personality, ids, exc)
-            return
-
-        stop = generation.cancel
-        session.stop_callbacks.append(stop)
-        self.active.add(generation)
-        try:
-            if on_start is not None:
-                on_start(generation)
-            await self._stream(session, emit, delta, personality, target, generation, echo,
-                               ids)
-        finally:
-            generation.cancel()  # no-op once finished; frees the slot if we got here early
-            self.active.discard(generation)
-            if stop in session.stop_callbacks:
-                session.stop_callbacks.remove(stop)
-
-    def _build(self, engine: EngineLike, personality: Personality, target: Target,
-               config: Config, params: SamplingParams) -> BuiltPrompt:
-        """Tokenizing the history is CPU work: it runs in a thread, off the event loop."""
-        return build_prompt(
-            prompt_style(personality, target.conditioning),
-            history_turns(target.history),
-            target.prompt,
-            engine.tokenize,
-            budget=engine.n_ctx_slot - params.n_predict,
-            max_history=config.nb_messages_to_remember,
-        )
-
-    async def _stream(self, session: ClientSession, emit: Emit, delta: bool,
-                      personality: Personality, target: Target, generation: Generation,
-                      echo: Any, ids: dict[str, Any]) -> None:
-        try:
-            user_id = target.user_message_id
-            if user_id is None:
-                user_id = await self.store.add_message(
-                    target.discussion_id,
-                    NewMessage(USER_SENDER, target.prompt, MSG_NORMAL, parent=_leaf_id(target)))
-                ids["user_message_id"] = user_id
-            ai_id = await self.store.add_message(
-                target.discussion_id, NewMessage(personality.name, "", MSG_NORMAL,
-                                                 parent=user_id))
-        except Exception as exc:
-            log.exception("could not write the new messages")
-            generation.cancel()
-            await self._fail(emit, personality, ids, exc)
-            return
-        ids["ai_message_id"] = ai_id
-        session.select(target.discussion_id, ai_id)
-        await emit("infos", {
-            "status": "generation_started", "type": "input_message_infos",
-            "bot": personality.name, "user": _user_name(personality),
-            "message": echo if isinstance(echo, str) else target.prompt, **ids})
-
-        text = ""
-        saver = _Checkpointer(self.store, ai_id, self.checkpoint_interval)
-        base = {**ids, "message_type": 0}
-        error: str | None = None
-        try:
-            async for piece in generation:
-                text += piece
-                await emit("message", {"data": piece if delta else text, **base})
-                saver.maybe_save(text)
-        except Exception as exc:  # the client's socket failing must not lose the answer
-            log.exception("streaming to the client failed")
-            error = f"streaming failed: {type(exc).__name__}"
-            generation.cancel()
-        finish = await generation.wait()
-        await saver.close(text)
-        reason = "error" if error else finish.reason
-        error = error or finish.error
-        if reason == "error":
-            await emit("infos", _error_infos(personality, ids, error or "generation failed"))
-        await emit("final", {"data": text, "ai_message_id": ai_id, "parent": user_id,
-                             "discussion_id": target.discussion_id, "finish_reason": reason})
-        _log_finish(ai_id, finish)
-
-    async def _fail(self, emit: Emit, personality: Personality, ids: dict[str, Any],
-                    exc: BaseException | None, status: str = "error",
-                    text: str | None = None) -> None:
-        if text is None:
-            text = (exc.message if isinstance(exc, LollmsError)
-                    else f"internal error: {type(exc).__name__}")
-        await emit("infos", _error_infos(personality, ids, text, status))
-        await emit("final", {"data": "", "ai_message_id": ids["ai_message_id"],
-                             "parent": ids["user_message_id"],
-                             "discussion_id": ids["discussion_id"], "finish_reason": "error"})
+    def _ended(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
 
     # ------------------------------------------------------------------ targets
 
@@ -311,7 +180,7 @@ class ChatService:
 
     async def _regenerate(self, session: ClientSession, raw_id: Any,
                           personality: Personality) -> Target:
-        message_id = _message_id(raw_id)
+        message_id = parse_id("id", raw_id)
         discussion_id = await self.store.message_discussion(message_id)
         if discussion_id is None:
             raise NotFound(f"message {message_id} not found")
@@ -340,22 +209,182 @@ class ChatService:
             generation.cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             log.warning("%d generation(s) still running at shutdown", self._running)
+
+
+class _Answer:
+    """One answer in progress, from the request to its `final` event: who asked, where the
+    events go, and the ids known so far (they fill in as the rows are written)."""
+
+    def __init__(self, chat: ChatService, session: ClientSession, emit: Emit, delta: bool,
+                 on_start: OnStart | None, echo: Any) -> None:
+        self.chat = chat
+        self.session = session
+        self.emit = emit
+        self.delta = delta
+        self.on_start = on_start
+        self.echo = echo
+        self.personality: Personality | None = None
+        self.discussion_id = session.discussion_id
+        self.user_message_id: int | None = None
+        self.ai_message_id: int | None = None
+
+    @property
+    def ids(self) -> dict[str, Any]:
+        return {"user_message_id": self.user_message_id, "ai_message_id": self.ai_message_id,
+                "discussion_id": self.discussion_id}
+
+    async def run(self, make_target: MakeTarget) -> None:
+        chat, session = self.chat, self.session
+        self.personality = await chat.personalities.current()
+        if session.generating:
+            await self.fail(Conflict(
+                "a generation is already running for this client; stop it first"))
+            return
+        engine = chat.engines.current
+        if engine is None:
+            await self.fail(None, status="model_not_ready",
+                            text="the model is not loaded (yet): check the server log")
+            return
+        session.generating = True
+        chat._started()
+        try:
+            await self.generate(engine, make_target)
+        finally:
+            session.generating = False
+            chat._ended()
+
+    async def generate(self, engine: Engine, make_target: MakeTarget) -> None:
+        chat, personality = self.chat, self.personality
+        assert personality is not None
+        config = chat.settings.config
+        params = sampling_params(config, personality)
+        try:
+            target = await make_target(personality)
+            self.discussion_id = target.discussion_id
+            self.user_message_id = target.user_message_id
+            built = await asyncio.to_thread(self.build, engine, target, config, params)
+            generation = engine.submit(GenerationRequest(built.tokens, params,
+                                                         anti_prompts(personality)))
+        except LollmsError as exc:  # bad input, busy engine: nothing was written
+            await self.fail(exc)
+            return
+        except Exception as exc:
+            log.exception("could not start a generation")
+            await self.fail(exc)
+            return
+
+        stop = generation.cancel
+        self.session.stop_callbacks.append(stop)
+        chat.active.add(generation)
+        try:
+            if self.on_start is not None:
+                self.on_start(generation)
+            await self.stream(target, generation)
+        finally:
+            generation.cancel()  # no-op once finished; frees the slot if we got here early
+            chat.active.discard(generation)
+            if stop in self.session.stop_callbacks:
+                self.session.stop_callbacks.remove(stop)
+
+    def build(self, engine: Engine, target: Target, config: Config,
+              params: SamplingParams) -> BuiltPrompt:
+        """Tokenizing the history is CPU work: it runs in a thread, off the event loop."""
+        assert self.personality is not None
+        history_budget, limit = prompt_budgets(engine.n_ctx_slot, params.n_predict)
+        return build_prompt(
+            PromptStyle.of(self.personality, target.conditioning),
+            history_turns(target.history),
+            target.prompt,
+            engine.tokenize,
+            budget=history_budget,
+            limit=limit,
+            max_history=config.nb_messages_to_remember,
+        )
+
+    async def stream(self, target: Target, generation: Generation) -> None:
+        store, personality = self.chat.store, self.personality
+        assert personality is not None
+        try:
+            if self.user_message_id is None:
+                self.user_message_id = await store.add_message(
+                    target.discussion_id,
+                    NewMessage(USER_SENDER, target.prompt, MSG_NORMAL, parent=_leaf_id(target)))
+            self.ai_message_id = await store.add_message(
+                target.discussion_id, NewMessage(personality.name, "", MSG_NORMAL,
+                                                 parent=self.user_message_id))
+        except Exception as exc:
+            log.exception("could not write the new messages")
+            generation.cancel()
+            await self.fail(exc)
+            return
+        ai_id = self.ai_message_id
+        self.session.select(target.discussion_id, ai_id)
+        await self.emit("infos", {
+            "status": "generation_started", "type": "input_message_infos",
+            "bot": personality.name, "user": _user_name(personality),
+            "message": self.echo if isinstance(self.echo, str) else target.prompt,
+            **self.ids})
+
+        text = ""
+        saver = _Checkpointer(store, ai_id, self.chat.checkpoint_interval)
+        base = {**self.ids, "message_type": 0}
+        error: str | None = None
+        try:
+            async for piece in generation:
+                text += piece
+                await self.emit("message", {"data": piece if self.delta else text, **base})
+                saver.maybe_save(text)
+        except Exception as exc:  # the client's socket failing must not lose the answer
+            log.exception("streaming to the client failed")
+            error = f"streaming failed: {type(exc).__name__}"
+            generation.cancel()
+        finish = await generation.wait()
+        await saver.close(text)
+        reason = FinishReason.ERROR if error else finish.reason
+        if reason is FinishReason.ERROR:
+            await self.emit("infos", self.error_infos(error or finish.error
+                                                      or "generation failed"))
+        await self.emit("final", {"data": text, "ai_message_id": ai_id,
+                                  "parent": self.user_message_id,
+                                  "discussion_id": target.discussion_id,
+                                  "finish_reason": reason.value})
+        _log_finish(ai_id, finish)
+
+    async def fail(self, exc: BaseException | None, status: str = "error",
+                   text: str | None = None) -> None:
+        """The answer could not start: `infos` with the reason, then an empty `final`."""
+        if text is None:
+            text = (exc.message if isinstance(exc, LollmsError)
+                    else f"internal error: {type(exc).__name__}")
+        await self.emit("infos", self.error_infos(text, status))
+        await self.emit("final", {"data": "", "ai_message_id": self.ai_message_id,
+                                  "parent": self.user_message_id,
+                                  "discussion_id": self.discussion_id,
+                                  "finish_reason": FinishReason.ERROR.value})
+
+    def error_infos(self, text: str, status: str = "error") -> dict[str, Any]:
+        personality = self.personality
+        assert personality is not None
+        return {"status": status, "type": "input_message_infos", "bot": personality.name,
+                "user": _user_name(personality), "message": text, "error": text, **self.ids}
 
 
 class _Checkpointer:
     """Saves the growing answer at most once per interval, never two writes at a time."""
 
-    def __init__(self, store: DiscussionStore, message_id: int, interval: float) -> None:
+    def __init__(self, store: DiscussionStore, message_id: int, interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.message_id = message_id
         self.interval = interval
-        self.last = time.monotonic()
+        self.clock = clock
+        self.last = clock()
         self.pending: asyncio.Task[bool] | None = None
 
     def maybe_save(self, text: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self.last < self.interval or (self.pending and not self.pending.done()):
             return
         self.last = now
@@ -376,22 +405,7 @@ def _leaf_id(target: Target) -> int:
 
 
 def _user_name(personality: Personality) -> str:
-    return str(personality.data.get("user_name") or USER_SENDER)
-
-
-def _error_infos(personality: Personality, ids: Mapping[str, Any], text: str,
-                 status: str = "error") -> dict[str, Any]:
-    return {"status": status, "type": "input_message_infos", "bot": personality.name,
-            "user": _user_name(personality), "message": text, "error": text, **ids}
-
-
-def _message_id(raw: Any) -> int:
-    """The 2023 UI sends ids as numbers or as strings of digits; nothing else is accepted."""
-    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 2**63:
-        return raw
-    if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) < 19:
-        return int(raw)
-    raise BadRequest("id must be a message id (a non-negative integer)")
+    return personality.user_name or USER_SENDER
 
 
 def _log_finish(ai_id: int, finish: Finish) -> None:

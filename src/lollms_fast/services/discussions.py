@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from ..errors import BadRequest, Conflict, NotFound
+from ..parsing import parse_int
 from ..storage.discussions import (
     MSG_CONDITIONING,
     MSG_NORMAL,
@@ -130,11 +131,7 @@ class DiscussionService:
 
 
 def _opt_int(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
-        raise BadRequest(f"{what} must be an integer")
-    return value
+    return None if value is None else parse_int(what, value, text=False)
 
 
 def _message(raw: Any, where: str) -> ImportedMessage:

@@ -1,24 +1,27 @@
-"""The seam between settings and the model engine: which engine-level settings are pending,
-and reloading the engine for them off the event loop.
+"""The running model engine, reloaded off the event loop when a Config needs another one.
 
-The app gives it a loader (Config -> engine, blocking; run in a thread) and a closer. A new
-engine is loaded before the old one is closed, so a failed load leaves the old one serving.
+It knows nothing of settings: `apply(config)` makes the engine match a Config (loading a new
+one if an engine-level key differs from what the running engine was built with) and returns
+the errors. Which keys need a reload is `config.reload_keys`. A new engine is loaded before
+the old one is closed, so a failed load leaves the old one serving; the replaced engine is
+closed in the background (the closer may wait for the answers still running on it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
-from ..config import Config
+from ..config import Config, reload_keys
 from ..errors import LollmsError
-from .settings import SettingsService
 
 log = logging.getLogger("lollms_fast.engine_control")
 
 E = TypeVar("E")
+
+NO_ENGINE = "this server runs without a model engine; cannot apply "
 
 
 class EngineControl(Generic[E]):
@@ -37,10 +40,8 @@ class EngineControl(Generic[E]):
         return self._loader is not None
 
     def pending(self, config: Config) -> list[str]:
-        """Engine-level settings that differ from what the running engine was built with."""
-        if self.applied is None:
-            return []
-        return config.changed_reload_keys(self.applied)
+        """Engine-level settings of `config` that the running engine was not built with."""
+        return [] if self.applied is None else reload_keys(self.applied, config)
 
     async def start(self, config: Config) -> None:
         """Load the first engine (if there is a loader) and record its config."""
@@ -56,24 +57,15 @@ class EngineControl(Generic[E]):
             if self._closing:  # engines replaced by reloads and still draining
                 await asyncio.gather(*self._closing, return_exceptions=True)
 
-    def _close_later(self, old: E) -> None:
-        """The replaced engine is closed in the background: the closer may wait for the
-        answers still running on it, and the request that caused the reload need not."""
-        if self._closer is None:
-            return
-        task = asyncio.ensure_future(asyncio.to_thread(self._closer, old))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
     async def apply(self, config: Config) -> list[str]:
-        """Reload the engine if `config` has pending engine-level changes; the errors."""
+        """Make the engine match `config`: reload it if an engine-level key differs. Returns
+        the errors (empty on success); on an error the running engine is unchanged."""
         async with self._lock:
             keys = self.pending(config)
             if not keys:
                 return []
             if self._loader is None:
-                return ["this server runs without a model engine; cannot apply "
-                        + ", ".join(keys)]
+                return [NO_ENGINE + ", ".join(keys)]
             log.info("reloading the engine for %s", ", ".join(keys))
             try:
                 new = await asyncio.to_thread(self._loader, config)
@@ -88,11 +80,9 @@ class EngineControl(Generic[E]):
                 self._close_later(old)
             return []
 
-    async def switch(self, settings: SettingsService, changes: Mapping[str, Any]) -> list[str]:
-        """Apply validated `changes` and reload; on failure the changes are undone."""
-        before = settings.config
-        settings.update(changes)
-        errors = await self.apply(settings.config)
-        if errors:
-            settings.update({k: getattr(before, k) for k in changes})
-        return errors
+    def _close_later(self, old: E) -> None:
+        if self._closer is None:
+            return
+        task = asyncio.ensure_future(asyncio.to_thread(self._closer, old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..personalities.model import Personality
 from ..storage.discussions import MSG_NORMAL
+from .prompt import PromptStyle, Turn
 
 
 def branch(messages: Sequence[Mapping[str, Any]], leaf_id: int | None
@@ -33,16 +34,17 @@ def default_leaf(messages: Sequence[Mapping[str, Any]]) -> int | None:
     return None
 
 
-def render_transcript(personality: Personality, turns: Sequence[Mapping[str, Any]],
+def history_turns(messages: Sequence[Mapping[str, Any]]) -> list[Turn]:
+    """The normal (type 0) messages as prompt turns; conditioning rows are not turns."""
+    return [Turn(str(m["sender"]), str(m["content"])) for m in messages
+            if m["type"] == MSG_NORMAL]
+
+
+def render_transcript(personality: Personality, messages: Sequence[Mapping[str, Any]],
                       max_turns: int) -> str:
-    """Conditioning + the last `max_turns` normal messages, each `prefix + content + link`
-    (the prompt layout of SPEC section 5, without the trailing AI prefix)."""
-    normal = [m for m in turns if m["type"] == MSG_NORMAL]
-    recent = normal[-max_turns:] if max_turns > 0 else []
-    link = personality.link_text
-    parts = [personality.conditioning()]
-    for m in recent:
-        prefix = (personality.ai_message_prefix if m["sender"] == personality.name
-                  else personality.user_message_prefix)
-        parts.append(prefix + str(m["content"]) + link)
-    return "".join(parts)
+    """Conditioning + the last `max_turns` normal messages, laid out as in a prompt
+    (SPEC section 5), without the trailing AI prefix."""
+    style = PromptStyle.of(personality)
+    turns = history_turns(messages)
+    recent = turns[-max_turns:] if max_turns > 0 else []
+    return style.conditioning + "".join(style.turn_text(t) for t in recent)

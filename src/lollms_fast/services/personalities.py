@@ -34,13 +34,3 @@ class PersonalityService:
 
     async def all_entries(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
         return await asyncio.to_thread(self.library.all_entries)
-
-    async def selection(self, language: str | None = None, category: str | None = None,
-                        folder: str | None = None) -> dict[str, str]:
-        """The config changes that select a personality (see PersonalityLibrary.select)."""
-        c = self.settings.config
-        current = (c.personality_language, c.personality_category, c.personality)
-        lang, cat, name = await asyncio.to_thread(self.library.select, current, language,
-                                                  category, folder)
-        return {"personality_language": lang, "personality_category": cat,
-                "personality": name}

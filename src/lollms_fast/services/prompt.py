@@ -9,8 +9,8 @@ each on its own, and concatenated:
 
 Segment boundaries do not move between turns, so turn N's prompt tokens (followed by the
 answer) are a prefix of turn N+1's and the engine's prefix cache skips them. The history is
-trimmed by tokens to the budget (`ctx_size - n_predict`), oldest messages first; the
-conditioning and the new prompt are never dropped.
+trimmed by tokens to its budget, oldest messages first; the conditioning and the new prompt
+are never dropped, and are refused only past the prompt limit (see chat.prompt_budgets).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import BadRequest
+from ..personalities.model import Personality
 
 Tokenize = Callable[[str, bool], list[int]]  # (text, add_bos) -> tokens
 
@@ -30,6 +31,25 @@ class PromptStyle:
     ai_prefix: str
     link: str
     ai_name: str  # messages from this sender use ai_prefix; anything else is the user
+
+    @classmethod
+    def of(cls, personality: Personality, conditioning: str | None = None) -> PromptStyle:
+        """The personality's layout; `conditioning` (a discussion's stored, already expanded
+        text) replaces the personality's own when given."""
+        return cls(
+            conditioning=personality.conditioning() if conditioning is None else conditioning,
+            user_prefix=personality.user_message_prefix,
+            ai_prefix=personality.ai_message_prefix,
+            link=personality.link_text,
+            ai_name=personality.name,
+        )
+
+    def is_ai(self, sender: str) -> bool:
+        return sender == self.ai_name
+
+    def turn_text(self, turn: Turn) -> str:
+        """One past turn as it appears in a prompt or a transcript."""
+        return "".join(text for text, _ in _turn_segments(self, turn))
 
 
 @dataclass(frozen=True)
@@ -51,8 +71,8 @@ class ContextOverflow(BadRequest):
 
 
 def _turn_segments(style: PromptStyle, turn: Turn) -> list[tuple[str, bool]]:
-    """(text, is_ai_prefix) segments of one past turn."""
-    if turn.sender == style.ai_name:
+    """(text, is_ai_prefix) segments of one past turn: the one place choosing a prefix."""
+    if style.is_ai(turn.sender):
         return [(style.ai_prefix, True), (turn.content + style.link, False)]
     return [(style.user_prefix + turn.content + style.link, False)]
 
@@ -64,17 +84,21 @@ def build_prompt(
     tokenize: Tokenize,
     budget: int,
     max_history: int,
+    limit: int | None = None,
 ) -> BuiltPrompt:
-    """Tokens for the model. `history` is the branch, oldest first, without the new prompt."""
+    """Tokens for the model. `history` is the branch, oldest first, without the new prompt.
+    Past turns are kept, newest first, while the whole stays within `budget` tokens; the
+    conditioning and the new turn alone may take up to `limit` (default: `budget`)."""
+    limit = budget if limit is None else limit
     recent = list(history[-max_history:]) if max_history > 0 else []
     cond = tokenize(style.conditioning, True)
     ai_prefix = tokenize(style.ai_prefix, False)
     new_turn = tokenize(style.user_prefix + prompt + style.link, False)
     fixed = len(cond) + len(new_turn) + len(ai_prefix)
-    if fixed > budget:
+    if fixed > limit:
         raise ContextOverflow(
-            f"the prompt needs {fixed} tokens but only {budget} fit in the context "
-            f"(ctx_size - n_predict); shorten the message or raise ctx_size")
+            f"the message needs {fixed} tokens with the conditioning, but at most {limit} fit "
+            f"and leave room for an answer; shorten the message or raise ctx_size")
 
     # keep the newest turns that fit
     kept: list[list[int]] = []
@@ -91,8 +115,7 @@ def build_prompt(
     kept_turns = recent[len(recent) - len(kept):]
 
     tokens = cond + [t for seg in kept for t in seg] + new_turn + ai_prefix
-    text = style.conditioning + "".join(
-        text for turn in kept_turns for text, _ in _turn_segments(style, turn))
+    text = style.conditioning + "".join(style.turn_text(turn) for turn in kept_turns)
     text += style.user_prefix + prompt + style.link + style.ai_prefix
     return BuiltPrompt(tokens=tokens, text=text, n_history_used=len(kept_turns),
                        n_history_dropped=len(history) - len(kept_turns))

@@ -14,11 +14,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import DEFAULT_MODEL_FILE, SETTINGS_BY_NAME, Config, validate
+from ..config import DEFAULT_MODEL_FILE, Config, reload_keys, reset_config, validate
 from ..errors import BadRequest, LollmsError, NotFound
 from ..personalities.loader import safe_name
 
 if TYPE_CHECKING:
+    from ..engine.scheduler import Engine
     from ..personalities.loader import PersonalityLibrary
     from .engine_control import EngineControl
 
@@ -50,13 +51,15 @@ Reply = dict[str, Any]
 class SettingsService:
     """Holds the current (immutable) Config; every change swaps in a new, validated one.
 
-    `library` checks personality choices and `engine` reloads the model for engine-level
-    settings; both are optional (a bare service only validates and saves)."""
+    `library` checks personality choices. `engine` is the engine this service drives: a
+    change of an engine-level setting is applied to it, and the new config kept only if the
+    engine took it. Both are optional (a bare service only validates and saves)."""
 
     def __init__(self, config: Config, *, library: PersonalityLibrary | None = None,
-                 engine: EngineControl[Any] | None = None) -> None:
+                 engine: EngineControl[Engine] | None = None) -> None:
         self._config = config
         self._save_lock = asyncio.Lock()
+        self._apply_lock = asyncio.Lock()
         self.library = library
         self.engine = engine
 
@@ -112,17 +115,27 @@ class SettingsService:
             raise BadRequest(f"model {model!r} is not a GGUF file (legacy GGML .bin files "
                              f"are not supported: convert them to GGUF)")
 
+    def _needs_engine(self, changes: Mapping[str, Any]) -> bool:
+        """True if `changes` touch an engine-level key and there is an engine to reload (a
+        server without one keeps such changes pending, as apply_settings reports)."""
+        if self.engine is None or not self.engine.can_load:
+            return False
+        return bool(reload_keys(self._config, self._config.updated(changes)))
+
     async def apply_changes(self, changes: Mapping[str, Any]) -> list[str]:
-        """Apply checked changes; the ones needing a new engine reload it (off the event
-        loop, the old engine serving until the new one is loaded). On a failed reload the
-        changes are undone and the errors returned."""
-        reload_keys = [k for k in changes if SETTINGS_BY_NAME[k].reload
-                       and changes[k] != getattr(self._config, k)]
-        if not reload_keys or self.engine is None or not self.engine.can_load:
-            # without an engine (protocol tests) the change stays pending for apply_settings
+        """Apply checked changes and return the errors. Changes needing a new engine are
+        applied one set at a time: the engine is reloaded (off the event loop, the old one
+        serving until the new one is loaded) and the config is kept only if that worked."""
+        if not self._needs_engine(changes):
             self.update(changes)
             return []
-        return await self.engine.switch(self, changes)
+        assert self.engine is not None
+        async with self._apply_lock:
+            errors = await self.engine.apply(self._config.updated(changes))
+            if not errors:
+                # applied on top of the current config: changes made meanwhile are kept
+                self.update(changes)
+            return errors
 
     # ------------------------------------------------------------ the lollms operations
 
@@ -166,10 +179,30 @@ class SettingsService:
 
     async def apply_pending(self) -> Reply:
         """`apply_settings`: reload the engine for engine-level changes not yet applied."""
-        errors = [] if self.engine is None else await self.engine.apply(self._config)
+        errors: list[str] = []
+        if self.engine is not None:
+            async with self._apply_lock:
+                errors = await self.engine.apply(self._config)
         return {"status": "failed" if errors else "succeeded", "errors": errors}
 
-    async def switch(self, raw: Mapping[str, Any]) -> Reply:
+    async def reset(self) -> Reply:
+        """`reset_settings`: every setting back to what this process would start with
+        without local_config.yaml (defaults, then the environment and command line); the
+        data dir, database, API key and UI dir stay. Applied like apply_settings; not saved.
+        """
+        target = reset_config(self._config)
+        changes = {name: value for name, value in target.to_dict(reveal_secrets=True).items()
+                   if name not in self._config.extra
+                   and value != getattr(self._config, name)}
+        try:
+            errors = await self.apply_changes(changes)
+        except LollmsError as exc:
+            return {"status": False, "error": exc.message}
+        if errors:
+            return {"status": False, "error": "; ".join(errors)}
+        return {"status": True}
+
+    async def change(self, raw: Mapping[str, Any]) -> Reply:
         """`set_binding` / `set_model` / the settings part of `update_model_params`: bad
         values raise (4xx); a failed reload answers `failed` with the config unchanged."""
         errors = await self.apply_changes(await self.checked(raw))
@@ -183,7 +216,7 @@ class SettingsService:
         if not raw:
             raise BadRequest("no known parameter in the body (expected some of "
                              + ", ".join(MODEL_PARAMS) + ")")
-        reply = await self.switch(raw)
+        reply = await self.change(raw)
         if reply["status"] == "succeeded":
             saved = await self.save_reply()
             if not saved["status"]:

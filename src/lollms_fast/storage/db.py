@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .migrations import StorageError, migrate
+from .base import StorageError, transaction
+from .migrations import migrate
 
 log = logging.getLogger("lollms_fast.storage")
 
@@ -68,9 +69,12 @@ class Database:
             raise
 
     def _open_writer(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path, durable=self.durable)
+        except OSError as exc:
+            raise StorageError(f"cannot create the database {self.path}: "
+                               f"{exc.strerror or exc}") from None
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open the database {self.path}: {exc}") from None
         try:
@@ -94,23 +98,14 @@ class Database:
         conn = self._writer
         if conn is None:
             raise RuntimeError("the database is closed")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+        with transaction(conn):
+            return fn(conn)
 
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._reader()
         # one snapshot for the whole function, even if it runs several queries
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn, "BEGIN"):
             return fn(conn)
-        finally:
-            conn.execute("COMMIT")
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in one transaction on the writer thread (rolled back if it raises)."""

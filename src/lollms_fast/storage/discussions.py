@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -47,11 +48,6 @@ class ImportedMessage:
 
 
 # ------------------------------------------------------------------ sync queries
-
-
-def list_discussions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT id, title FROM discussion ORDER BY id").fetchall()
-    return [{"id": i, "title": t} for i, t in rows]
 
 
 # The two hot reads answer with JSON built by SQLite itself (json1, in C, outside the GIL), so
@@ -238,9 +234,6 @@ class DiscussionStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def list(self) -> list[dict[str, Any]]:
-        return await self.db.read(list_discussions)
-
     async def list_json(self) -> bytes:
         return await self.db.read(list_discussions_json)
 
@@ -251,9 +244,6 @@ class DiscussionStore:
                 return None
             return messages_json(c, discussion_id)
         return await self.db.read(run)
-
-    async def exists(self, discussion_id: int) -> bool:
-        return await self.db.read(lambda c: discussion_exists(c, discussion_id))
 
     async def missing(self, ids: Sequence[int]) -> list[int]:
         return await self.db.read(lambda c: missing_discussions(c, ids))
@@ -314,7 +304,7 @@ class DiscussionStore:
         after = -(2**63)
         head = b"["  # sent with the first batch, so a failing first read sends nothing
         while True:
-            items, last = await self.db.read(lambda c: _export_batch(c, after, wanted))
+            items, last = await self.db.read(partial(_export_batch, after_id=after, ids=wanted))
             if items:
                 yield head + b",".join(items)
                 head = b","

@@ -11,11 +11,9 @@ import logging
 import sqlite3
 from collections.abc import Callable
 
+from .base import StorageError, transaction
+
 log = logging.getLogger("lollms_fast.storage")
-
-
-class StorageError(Exception):
-    """The database file is unusable (not SQLite, or written by a newer server)."""
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -118,14 +116,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     conn.execute("PRAGMA foreign_keys = OFF")
     try:
         for target, step in pending:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(conn):
                 step(conn)
                 _write_version(conn, target)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
             log.info("database schema migrated to version %d", target)
             version = target
     finally:
