@@ -33,7 +33,7 @@ from .server.keys import (
     SETTINGS,
     SIO,
 )
-from .server.session import session_middleware
+from .server.session import set_session_cookie
 from .server.sockets import create_socketio
 from .services.chat import ChatService
 from .services.discussions import DiscussionService
@@ -77,14 +77,15 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
             middlewares.access_log_middleware,
             middlewares.errors_middleware,
             middlewares.api_key_middleware,
-            session_middleware,
         ],
     )
+    # the session cookie goes on every response, errors and 401s included (SPEC "Sessions")
+    app.on_response_prepare.append(set_session_cookie)
     library = PersonalityLibrary(config.personalities_dir)
     engine: EngineControl[Any] = EngineControl(backend_factory, close_engine)
     settings = SettingsService(config, library=library, engine=engine)
     personalities = PersonalityService(library, settings)
-    # Socket.IO handlers find the HTTP session from the connect environ's cookie here
+    # the Socket.IO connect handler finds the HTTP session here from its handshake request
     sessions = SessionStore()
     database = Database(config.database_path, durable=config.durable)
     app[SETTINGS] = settings

@@ -1,30 +1,71 @@
-"""The client's session on HTTP requests: looked up from its cookie, created on first use,
-and the cookie set on the response by `session_middleware`."""
+"""The client's session on HTTP requests and Socket.IO handshakes.
+
+SPEC "Sessions": the cookie is set on the first response a client gets, whatever it is (the
+UI page, a static file, an error, a `/socket.io/` polling response), so that a page which
+opens its socket before any API call shares one session with its later HTTP calls.
+
+Every request has a session id (`session_id`): the one its cookie carries if the store
+minted it, else a new one. `set_session_cookie` runs on `on_response_prepare`, just before
+any response's headers leave (routes, middleware errors and 401s, aiohttp's own error pages,
+streamed responses, the WebSocket upgrade), and sends a new id back as the cookie. The
+session itself is created only when a route or the socket's connect handler asks for it
+(`client_session`), so cookieless requests for static files cost no store entry.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+from http.cookies import SimpleCookie
 
-from ..services.sessions import COOKIE_NAME, IDLE_TTL_S, ClientSession
+from aiohttp import hdrs, web
+
+from ..services.sessions import COOKIE_NAME, IDLE_TTL_S, ClientSession, SessionStore
 from .keys import SESSIONS
-from .middlewares import Handler
 
-_NEW_SESSION = web.RequestKey("new_session", str)
+_SESSION_ID = web.RequestKey("session_id", str)
+_ISSUED = web.RequestKey("session_id_issued", bool)  # new: the response must carry it back
+
+
+def session_id(request: web.Request) -> str:
+    """This client's session id: its cookie's if the server minted it, else a new one that
+    this request's response sets as the cookie. The same id for the life of the request."""
+    if _SESSION_ID in request:
+        return request[_SESSION_ID]
+    sessions: SessionStore = request.app[SESSIONS]
+    cookie = request.cookies.get(COOKIE_NAME)
+    if cookie and sessions.is_minted(cookie):
+        request[_SESSION_ID] = cookie
+        return cookie
+    minted = sessions.mint_id()
+    request[_SESSION_ID] = minted
+    request[_ISSUED] = True
+    return minted
 
 
 def client_session(request: web.Request) -> ClientSession:
-    """This client's session (a new one if its cookie is missing, unknown or expired)."""
-    session, created = request.app[SESSIONS].get_or_create(request.cookies.get(COOKIE_NAME))
-    if created:
-        request[_NEW_SESSION] = session.id
+    """This client's session (a new one if it has none yet, or it expired)."""
+    session, _ = request.app[SESSIONS].get_or_create(session_id(request))
     return session
 
 
-@web.middleware
-async def session_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
-    new_id = request.get(_NEW_SESSION)
-    if new_id is not None and not response.prepared:
-        response.set_cookie(COOKIE_NAME, new_id, max_age=IDLE_TTL_S, path="/",
-                            httponly=True, samesite="Lax", secure=request.secure)
-    return response
+def cookie_header(value: str, *, secure: bool) -> str:
+    """The `Set-Cookie` value carrying a session id."""
+    jar: SimpleCookie = SimpleCookie()
+    jar[COOKIE_NAME] = value
+    morsel = jar[COOKIE_NAME]
+    morsel["max-age"] = IDLE_TTL_S
+    morsel["path"] = "/"
+    morsel["httponly"] = True
+    morsel["samesite"] = "Lax"
+    if secure:
+        morsel["secure"] = True
+    return morsel.OutputString()
+
+
+async def set_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: a client without a valid cookie receives its id. A client
+    that sent a valid one is not sent it again. (The header is added directly: aiohttp has
+    already turned `response.cookies` into headers when this signal runs.)"""
+    session_id(request)
+    if request.get(_ISSUED):
+        response.headers.add(hdrs.SET_COOKIE,
+                             cookie_header(request[_SESSION_ID], secure=request.secure))

@@ -1,9 +1,11 @@
 """The Socket.IO server (Engine.IO 4 / Socket.IO 5) attached at /socket.io/, and its events.
 
-A connection belongs to the HTTP session whose cookie the browser sent with the handshake,
-so a page and its socket share one current discussion. A client without that cookie (a
-script) gets a session of its own for the life of the connection. Every reply goes to the
-requesting connection only (`to=sid`), never broadcast.
+A connection belongs to the session of its Engine.IO handshake request: the cookie the
+browser sent with it, or the new one set on that request's response (polling or WebSocket
+upgrade, `server/session.py`), so a page and its socket share one current discussion even
+when the socket is the page's first contact. A client that keeps no cookie (a script) gets
+a session of its own for the life of the connection. Every reply goes to the requesting
+connection only (`to=sid`), never broadcast.
 
 Streaming mode: by default `message.data` is the whole answer so far (what the 2023 UI
 expects). A client that connects with the query parameter `stream=delta` (or the auth
@@ -22,9 +24,10 @@ import socketio
 from aiohttp import web
 
 from ..config import Config
-from ..services.sessions import COOKIE_NAME, ClientSession
+from ..services.sessions import ClientSession
 from .keys import CHAT, SESSIONS, SETTINGS
 from .middlewares import key_matches, presented_key
+from .session import client_session
 
 if TYPE_CHECKING:
     from ..engine.scheduler import Generation
@@ -120,8 +123,7 @@ def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServe
             if not key_matches(expected, presented):
                 log.info("refused Socket.IO connection %s: missing or wrong API key", sid)
                 return False
-        cookie = request.cookies.get(COOKIE_NAME) if request is not None else None
-        session, _ = app[SESSIONS].get_or_create(cookie)
+        session = client_session(request) if request is not None else app[SESSIONS].create()
         connections[sid] = Connection(session, wants_delta(environ, auth))
         log.debug("socket connected %s", sid)
         return True

@@ -1,12 +1,21 @@
 """Per-client state (current discussion, last message, generation flag), keyed by an opaque
-random session id carried in a cookie. Bounded in number and expiring when idle.
+session id carried in a cookie. Bounded in number and expiring when idle.
 
-The HTTP routes and, later, Socket.IO handlers (reading the same cookie from the connect
-environ) look sessions up here, so one browser shares its state across both.
+The HTTP routes and the Socket.IO connect handler (from the handshake request) look
+sessions up here, so one browser shares its state across both.
+
+Ids are minted by the store: a random part and an HMAC of it under a secret that lives as
+long as the process. Every client gets an id on its first response, before it has a session
+(static files must not fill the LRU), and the entry is created when a route first needs it.
+Only ids the store minted can create an entry that way, so a client cannot choose its id
+(no session fixation with arbitrary ids); anything else is a fresh id.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 import time
 from collections import OrderedDict
@@ -16,6 +25,12 @@ from dataclasses import dataclass, field
 COOKIE_NAME = "lollms_session"
 MAX_SESSIONS = 10_000
 IDLE_TTL_S = 7 * 24 * 3600
+_NONCE_BYTES = 18  # 24 url-safe characters
+_TAG_BYTES = 16  # 22 url-safe characters
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 @dataclass
@@ -44,11 +59,30 @@ class SessionStore:
     """LRU-bounded; a session idle for longer than `ttl` is forgotten."""
 
     def __init__(self, max_sessions: int = MAX_SESSIONS, ttl: float = IDLE_TTL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 secret: bytes | None = None) -> None:
         self.max_sessions = max_sessions
         self.ttl = ttl
         self._clock = clock
+        # per process: a restart forgets the sessions, and their ids stop verifying with them
+        self._secret = secret or secrets.token_bytes(32)
         self._sessions: OrderedDict[str, ClientSession] = OrderedDict()
+
+    def _tag(self, nonce: str) -> str:
+        digest = hmac.new(self._secret, nonce.encode("ascii"), hashlib.sha256).digest()
+        return _b64(digest[:_TAG_BYTES])
+
+    def mint_id(self) -> str:
+        """A new session id that `is_minted` accepts. Creates no session."""
+        nonce = _b64(secrets.token_bytes(_NONCE_BYTES))
+        return f"{nonce}.{self._tag(nonce)}"
+
+    def is_minted(self, session_id: str) -> bool:
+        """True if this store minted `session_id` (constant-time check of its tag)."""
+        nonce, dot, tag = session_id.partition(".")
+        if not dot or not nonce.isascii() or not tag.isascii():
+            return False
+        return hmac.compare_digest(tag, self._tag(nonce))
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -69,18 +103,27 @@ class SessionStore:
         return session
 
     def create(self) -> ClientSession:
-        self._expire()
-        while len(self._sessions) >= self.max_sessions:
-            self._sessions.popitem(last=False)
-        session = ClientSession(secrets.token_urlsafe(24), last_seen=self._clock())
-        self._sessions[session.id] = session
-        return session
+        """A new session under a new id."""
+        return self._add(self.mint_id())
 
     def get_or_create(self, session_id: str | None) -> tuple[ClientSession, bool]:
+        """The live session with that id, else a new one (and True): under that id if this
+        store minted it (the client already holds it as its cookie), under a new id
+        otherwise (missing, forged or from another process)."""
         session = self.get(session_id)
         if session is not None:
             return session, False
-        return self.create(), True
+        if session_id is None or not self.is_minted(session_id):
+            session_id = self.mint_id()
+        return self._add(session_id), True
+
+    def _add(self, session_id: str) -> ClientSession:
+        self._expire()
+        while len(self._sessions) >= self.max_sessions:
+            self._sessions.popitem(last=False)
+        session = ClientSession(session_id, last_seen=self._clock())
+        self._sessions[session.id] = session
+        return session
 
     def _expire(self) -> None:
         now = self._clock()
