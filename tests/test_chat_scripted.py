@@ -252,3 +252,32 @@ async def test_disconnect_cancels_within_a_step(
         gate.release(10_000)
         await leaving.close()
         await staying.close()
+
+
+async def test_a_long_message_is_answered_until_the_context_ends(
+        aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
+    """n_predict (1024) is a maximum, not a reservation: a 1,400-token message (about 1,700
+    with the conditioning) in a 2048-token slot is accepted, and the answer stops with
+    `length` where the context ends."""
+    config = make_config(override_personality_model_parameters=True, n_predict=1024,
+                         ctx_size=2048, parallel=1)
+    app = build_app(config, backend_factory=scripted_loader([b"a"], eog_after=False))
+    server = await aiohttp_server(app)
+    b = await Browser.open(str(server.make_url("")).rstrip("/"))
+    try:
+        await b.get("/new_discussion", title="long paste")
+        final = await b.generate("x" * 1400)  # the scripted tokenizer: one token per byte
+        assert final["finish_reason"] == "length", [d.get("message") for n, d in b.events
+                                                    if n == "infos"]
+        answered = len(final["data"])
+        assert 0 < answered < 1024  # cut by the context, not by n_predict
+        from lollms_fast.server.keys import ENGINE_CONTROL
+        engine = app[ENGINE_CONTROL].current
+        assert engine is not None
+        prompt_tokens = engine.stats()["prompt_decoded"]
+        # every position of the slot is used; the last token sampled needs none
+        assert prompt_tokens > 1400 and answered == 2048 - prompt_tokens + 1
+        saved = await b.messages(final["discussion_id"])
+        assert saved[-1]["content"] == final["data"]
+    finally:
+        await b.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from lollms_fast.services.chat import prompt_budgets
 from lollms_fast.services.prompt import ContextOverflow, PromptStyle, Turn, build_prompt
 
 STYLE = PromptStyle(conditioning="COND\n", user_prefix="### user:\n",
@@ -58,3 +59,34 @@ def test_budget_drops_oldest_first_never_the_conditioning() -> None:
 def test_overflow_when_the_prompt_alone_does_not_fit() -> None:
     with pytest.raises(ContextOverflow, match="tokens"):
         build_prompt(STYLE, HISTORY, "y" * 100, char_tokenize, budget=50, max_history=10)
+
+
+def test_a_long_message_may_pass_the_history_budget_up_to_the_limit() -> None:
+    """n_predict is a maximum, not a reservation: the history stays within `budget`, the new
+    message alone may take up to `limit`."""
+    built = build_prompt(STYLE, HISTORY, "y" * 100, char_tokenize, budget=50, max_history=10,
+                         limit=200)
+    assert built.n_history_used == 0 and built.n_history_dropped == 3
+    assert built.text == "COND\n### user:\n" + "y" * 100 + "\n### lollms:\n"
+    with pytest.raises(ContextOverflow):
+        build_prompt(STYLE, HISTORY, "y" * 200, char_tokenize, budget=50, max_history=10,
+                     limit=200)
+
+
+@pytest.mark.parametrize("n_ctx,n_predict,history,limit", [
+    (2048, 1024, 1024, 1792),  # the default: the answer keeps an eighth at least
+    (2048, 100, 1948, 1948),  # a short n_predict is reserved whole
+    (2048, 4096, 512, 1792),  # huge n_predict: history keeps a quarter, answers an eighth
+    (1024, 1024, 256, 896),
+])
+def test_prompt_budgets(n_ctx: int, n_predict: int, history: int, limit: int) -> None:
+    assert prompt_budgets(n_ctx, n_predict) == (history, limit)
+
+
+def test_the_reported_long_paste_now_fits() -> None:
+    """Issue 11: a pasted text of 1,431 tokens with n_predict 1024 and ctx_size 2048 was
+    refused ("only 1024 fit") though it leaves room for an answer."""
+    history_budget, limit = prompt_budgets(2048, 1024)
+    built = build_prompt(STYLE, HISTORY, "p" * 1410, char_tokenize, history_budget,
+                         max_history=5, limit=limit)
+    assert 1431 <= len(built.tokens) <= limit

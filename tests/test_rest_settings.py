@@ -279,3 +279,64 @@ async def test_failed_reload_leaves_config_and_engine(
         "status": "succeeded"}
     assert config_of(client).model == "other.gguf"
     assert await closed_count(loader, 1) == 1
+
+
+async def test_reset_settings_restores_defaults_and_keeps_the_process_settings(
+        reload_client: tuple[TestClient, RecordingLoader]) -> None:
+    """reset_settings: what a file-less start would give (defaults, then the command line,
+    which the test config sets: model, ctx_size, parallel...), keeping data dir, database,
+    API key and UI dir; engine-level changes reload the engine; nothing is saved."""
+    client, loader = reload_client
+    start = config_of(client)
+    for name, value in (("temperature", 0.1), ("top_k", 3), ("language", "fr-FR"),
+                        ("personality_language", "french"), ("ctx_size", 512)):
+        assert (await update(client, name, value))["status"] is True
+    assert len(loader.loaded) == 2
+    assert await post_json(client, "/reset_settings", None) == {"status": True}
+    now = config_of(client)
+    assert (now.temperature, now.top_k, now.language) == (0.9, 50, "en-US")  # defaults
+    assert now.personality_language == "english"
+    assert now.ctx_size == start.ctx_size == 1024  # the command line's value, not 2048
+    assert now.model == start.model and now.data_dir == start.data_dir
+    assert len(loader.loaded) == 3 and loader.loaded[-1].ctx_size == 1024  # reloaded
+    assert not start.config_path.exists()  # reset is not a save
+
+
+async def test_reset_settings_failure_changes_nothing(
+        reload_client: tuple[TestClient, RecordingLoader]) -> None:
+    client, loader = reload_client
+    await update(client, "ctx_size", 512)
+    before = config_of(client)
+    loader.fail = True
+    reply = await post_json(client, "/reset_settings", None)
+    assert reply["status"] is False and "not found" in reply["error"]
+    assert config_of(client) == before
+
+
+async def test_reload_keeps_a_change_made_while_it_loads(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    """A setting changed while an engine reload is in progress is not lost when the reload
+    finishes (the reload's changes are applied on top of the config of that moment)."""
+    import threading
+
+    release = threading.Event()
+    loaded: list[Config] = []
+
+    class SlowLoader(RecordingLoader):
+        def __call__(self, config: Config) -> RecordingLoader:
+            if loaded:  # the start-up load is quick; a reload waits for the test
+                release.wait(10)
+            loaded.append(config)
+            return self
+
+    client = await aiohttp_client(build_app(make_config(), backend_factory=SlowLoader()))
+    reload = asyncio.ensure_future(update(client, "ctx_size", 512))
+    for _ in range(500):
+        if client.server.app[SETTINGS]._apply_lock.locked():
+            break
+        await asyncio.sleep(0.01)
+    assert (await update(client, "temperature", 0.25))["status"] is True
+    release.set()
+    assert (await reload)["status"] is True
+    now = config_of(client)
+    assert (now.ctx_size, now.temperature) == (512, 0.25)

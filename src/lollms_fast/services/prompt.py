@@ -97,8 +97,9 @@ def build_prompt(
     fixed = len(cond) + len(new_turn) + len(ai_prefix)
     if fixed > limit:
         raise ContextOverflow(
-            f"the message needs {fixed} tokens with the conditioning, but at most {limit} fit "
-            f"and leave room for an answer; shorten the message or raise ctx_size")
+            f"the message needs {fixed} tokens with the conditioning, but the context takes "
+            f"at most {limit} and keeps the rest for the answer; shorten the message or raise "
+            f"ctx_size")
 
     # keep the newest turns that fit
     kept: list[list[int]] = []
