@@ -120,3 +120,27 @@ def test_serve_with_no_model_argument_assembles_default_and_stops_on_sigterm(
     assert "assembling default model" in stderr and "100%" in stderr
     assert f"http://127.0.0.1:{port}/" in stderr  # the banner
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("kind", ["not sqlite", "too new"])
+def test_unusable_database_is_one_line(tmp_path: Path, default_model_path: Path,
+                                       kind: str) -> None:
+    """A corrupt database, or one written by a newer server, stops the start with one line."""
+    import sqlite3
+
+    db = tmp_path / "databases" / "database.db"
+    db.parent.mkdir(parents=True)
+    if kind == "not sqlite":
+        db.write_bytes(b"this is not a database file at all" * 200)
+    else:
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)")
+        conn.execute("INSERT INTO schema_version VALUES (1, 999)")
+        conn.commit()
+        conn.close()
+    out = run("--data-dir", str(tmp_path), "--model", str(default_model_path), "--port",
+              str(free_port()), env=clean_env())
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("lollms-fast: error")]
+    assert len(errors) == 1 and "database" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
