@@ -14,8 +14,16 @@ STYLE = PromptStyle(conditioning="COND\n", user_prefix="### user:\n",
                     ai_prefix="### lollms:\n", link="\n", ai_name="lollms")
 
 
-def char_tokenize(text: str, add_bos: bool) -> list[int]:
-    return ([-1] if add_bos else []) + [ord(c) for c in text]
+def char_tokenize(text: str, add_bos: bool, special: bool = True) -> list[int]:
+    """One token per character; with `special`, the spelled control token `<eot>` is one
+    token (-2)."""
+    out = [-1] if add_bos else []
+    parts = text.split("<eot>") if special else [text]
+    for i, part in enumerate(parts):
+        if i:
+            out.append(-2)
+        out += [ord(c) for c in part]
+    return out
 
 
 HISTORY = [Turn("lollms", "Welcome!"), Turn("user", "hi"), Turn("lollms", "hello there")]
@@ -26,7 +34,7 @@ def test_text_matches_the_2023_layout() -> None:
                          max_history=5)
     assert built.text == ("COND\n### lollms:\nWelcome!\n### user:\nhi\n### lollms:\nhello there"
                           "\n### user:\nhow are you?\n### lollms:\n")
-    assert built.tokens == char_tokenize(built.text, True)
+    assert built.tokens == char_tokenize(built.text, True, False)
     assert built.n_history_used == 3 and built.n_history_dropped == 0
 
 
@@ -90,3 +98,16 @@ def test_the_reported_long_paste_now_fits() -> None:
     built = build_prompt(STYLE, HISTORY, "p" * 1410, char_tokenize, history_budget,
                          max_history=5, limit=limit)
     assert 1431 <= len(built.tokens) <= limit
+
+
+def test_typed_control_tokens_stay_text_but_the_personality_may_use_them() -> None:
+    """User and history text is tokenized with special-token parsing off (SPEC 7): a typed
+    control token stays characters; the personality's own prefixes may spell one."""
+    style = PromptStyle(conditioning="C<eot>", user_prefix="U<eot>", ai_prefix="A<eot>",
+                        link="\n", ai_name="lollms")
+    history = [Turn("user", "old <eot> question"), Turn("lollms", "old <eot> answer")]
+    built = build_prompt(style, history, "new <eot> message", char_tokenize, 10_000, 10)
+    assert built.tokens.count(-2) == 1 + 2 + 2  # conditioning, 2 user + 2 AI prefixes
+    for text in ("old <eot> question", "old <eot> answer", "new <eot> message"):
+        chars = [ord(c) for c in text]
+        assert any(built.tokens[i:i + len(chars)] == chars for i in range(len(built.tokens)))

@@ -102,15 +102,21 @@ class Backend:
         self._lbatch = C.llama_batch()
         self._seq_ptrs: ctypes.Array[ctypes.c_void_p] | None = None
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
+        """Tokens of `text`; `add_special` adds BOS (if the model wants one), `parse_special`
+        turns spelled control tokens (`<end_of_turn>`) into those tokens: only for text the
+        server trusts, never for what a user typed."""
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (C.llama_token * n_max)()
-        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special,
+                             parse_special)
         if n < 0:  # the buffer was too small: -n is the size needed
             n_max = -n
             buf = (C.llama_token * n_max)()
-            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special,
+                                 parse_special)
         return list(buf[:n])
 
     # ------------------------------------------------------------------ decoding

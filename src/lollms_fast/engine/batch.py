@@ -54,7 +54,8 @@ class ModelBackend(Protocol):
 
     n_vocab: int
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]: ...
 
     def decode(self, batch: Batch) -> int:
         """llama_decode's return code: 0 ok, 1 no KV room, < 0 error (state restored or

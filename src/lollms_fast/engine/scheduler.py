@@ -253,8 +253,8 @@ class Engine:
             self._cond.notify()
         return generation
 
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self.backend.tokenize(text, add_bos)
+    def tokenize(self, text: str, add_bos: bool, parse_special: bool = False) -> list[int]:
+        return self.backend.tokenize(text, add_bos, parse_special)
 
     def stats(self) -> dict[str, int]:
         with self._cond:

@@ -4,8 +4,13 @@ The text is the 2023 format: conditioning, then each turn as `prefix + content`,
 by the link text, and after the new prompt `link + ai_prefix`. It is tokenized as segments,
 each on its own, and concatenated:
 
-    [BOS conditioning] [user_prefix + m1 + link] [ai_prefix] [m2 + link] ...
-    [user_prefix + prompt + link] [ai_prefix]
+    [BOS conditioning] [user_prefix] [m1] [link] [ai_prefix] [m2] [link] ...
+    [user_prefix] [prompt] [link] [ai_prefix]
+
+The personality's own text (conditioning, prefixes, link) may spell control tokens such as
+`<start_of_turn>`; message contents are what users typed (or edited), so they are tokenized
+with special-token parsing off: a typed `<end_of_turn>` stays text and can never forge a
+turn boundary.
 
 Segment boundaries do not move between turns, so turn N's prompt tokens (followed by the
 answer) are a prefix of turn N+1's and the engine's prefix cache skips them. The history is
@@ -21,7 +26,8 @@ from dataclasses import dataclass
 from ..errors import BadRequest
 from ..personalities.model import Personality
 
-Tokenize = Callable[[str, bool], list[int]]  # (text, add_bos) -> tokens
+# (text, add_bos, parse_special) -> tokens
+Tokenize = Callable[[str, bool, bool], list[int]]
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,14 @@ class PromptStyle:
 
     def turn_text(self, turn: Turn) -> str:
         """One past turn as it appears in a prompt or a transcript."""
-        return "".join(text for text, _ in _turn_segments(self, turn))
+        return "".join(text for text, _ in self.turn_segments(turn.content,
+                                                              self.is_ai(turn.sender)))
+
+    def turn_segments(self, content: str, ai: bool) -> list[tuple[str, bool]]:
+        """(text, is the personality's own text) segments of one turn: the one place that
+        chooses a prefix."""
+        return [(self.ai_prefix if ai else self.user_prefix, True), (content, False),
+                (self.link, True)]
 
 
 @dataclass(frozen=True)
@@ -70,13 +83,6 @@ class ContextOverflow(BadRequest):
     """Even the conditioning and the new prompt alone do not fit the context budget."""
 
 
-def _turn_segments(style: PromptStyle, turn: Turn) -> list[tuple[str, bool]]:
-    """(text, is_ai_prefix) segments of one past turn: the one place choosing a prefix."""
-    if style.is_ai(turn.sender):
-        return [(style.ai_prefix, True), (turn.content + style.link, False)]
-    return [(style.user_prefix + turn.content + style.link, False)]
-
-
 def build_prompt(
     style: PromptStyle,
     history: Sequence[Turn],
@@ -91,9 +97,22 @@ def build_prompt(
     conditioning and the new turn alone may take up to `limit` (default: `budget`)."""
     limit = budget if limit is None else limit
     recent = list(history[-max_history:]) if max_history > 0 else []
-    cond = tokenize(style.conditioning, True)
-    ai_prefix = tokenize(style.ai_prefix, False)
-    new_turn = tokenize(style.user_prefix + prompt + style.link, False)
+    own: dict[str, list[int]] = {}  # the personality's segments recur: tokenize them once
+
+    def segment_tokens(segments: list[tuple[str, bool]]) -> list[int]:
+        out: list[int] = []
+        for text, trusted in segments:
+            if not trusted:
+                out += tokenize(text, False, False)
+            else:
+                if text not in own:
+                    own[text] = tokenize(text, False, True)
+                out += own[text]
+        return out
+
+    cond = tokenize(style.conditioning, True, True)
+    ai_prefix = segment_tokens([(style.ai_prefix, True)])
+    new_turn = segment_tokens(style.turn_segments(prompt, ai=False))
     fixed = len(cond) + len(new_turn) + len(ai_prefix)
     if fixed > limit:
         raise ContextOverflow(
@@ -105,13 +124,11 @@ def build_prompt(
     kept: list[list[int]] = []
     used = fixed
     for turn in reversed(recent):
-        segs = [ai_prefix if is_prefix else tokenize(text, False)
-                for text, is_prefix in _turn_segments(style, turn)]
-        cost = sum(len(s) for s in segs)
-        if used + cost > budget:
+        tokens = segment_tokens(style.turn_segments(turn.content, style.is_ai(turn.sender)))
+        if used + len(tokens) > budget:
             break
-        kept.append([t for s in segs for t in s])
-        used += cost
+        kept.append(tokens)
+        used += len(tokens)
     kept.reverse()
     kept_turns = recent[len(recent) - len(kept):]
 
