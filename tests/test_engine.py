@@ -379,3 +379,17 @@ def test_typed_control_tokens_are_text_on_the_real_vocabulary(default_model_path
         assert built.tokens.count(control[0]) == 2  # the two links, not the typed ones
     finally:
         backend.close()
+
+
+def test_ctx_size_past_the_training_context_is_refused(default_model_path: Path) -> None:
+    """SPEC 7: ctx_size is capped at the model's training context (32,768 for Gemma 3 270M),
+    refused before any KV cache is allocated."""
+    from lollms_fast.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="training context"):
+        real_backend(default_model_path, parallel=2, ctx=65536)
+    backend = real_backend(default_model_path, parallel=1, ctx=512)
+    try:
+        assert backend.n_ctx_train == 32768
+    finally:
+        backend.close()

@@ -340,3 +340,15 @@ async def test_reload_keeps_a_change_made_while_it_loads(
     assert (await reload)["status"] is True
     now = config_of(client)
     assert (now.ctx_size, now.temperature) == (512, 0.25)
+
+
+async def test_ctx_size_past_the_models_training_context_is_refused(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    """On the real model: the reload is refused with a clear error and nothing changes."""
+    client = await aiohttp_client(build_app(make_config()))  # the real engine loader
+    before = config_of(client)
+    engine = client.server.app[ENGINE_CONTROL].current
+    reply = await update(client, "ctx_size", 65536)
+    assert reply["status"] is False and "training context" in reply["error"]
+    assert config_of(client) == before
+    assert client.server.app[ENGINE_CONTROL].current is engine

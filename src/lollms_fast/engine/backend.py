@@ -72,6 +72,15 @@ class Backend:
             raise ModelLoadError(f"llama.cpp could not load the model file {path} "
                                  f"(corrupt or unsupported GGUF)")
         self.model = model
+        # a context past what the model was trained on gives garbage, and a huge one could
+        # exhaust memory: refuse it before any KV cache is allocated
+        self.n_ctx_train = int(C.llama_model_n_ctx_train(model))
+        per_slot = params.n_ctx // max(1, params.n_seq_max)
+        if self.n_ctx_train > 0 and per_slot > self.n_ctx_train:
+            C.llama_model_free(model)
+            self.model = None
+            raise ModelLoadError(f"ctx_size {per_slot} is larger than the training context of "
+                                 f"{path.name} ({self.n_ctx_train} tokens); lower ctx_size")
         cparams = C.llama_context_default_params()
         cparams.n_ctx = params.n_ctx
         cparams.n_batch = params.n_batch
