@@ -163,10 +163,14 @@ async def test_checkpoints_are_rare_and_the_last_write_is_complete() -> None:
 
 
 async def test_engine_reload_lets_running_answers_finish(
-        aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
+        aiohttp_server: Factory, make_config: Callable[..., Config],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Changing ctx_size loads a new engine; the answer running on the old one finishes
-    (not cancelled) before the old engine is closed, and the next one uses the new engine."""
+    (not cancelled) before the old engine is closed, and the next one uses the new engine.
+    While the old one drains, another reload is refused (at most one engine drains)."""
     import threading
+
+    from lollms_fast.services import engine_control
 
     gate = threading.Semaphore(0)
     engines: list[Engine] = []
@@ -196,6 +200,11 @@ async def test_engine_reload_lets_running_answers_finish(
                                                         "setting_value": 1536})
         assert status == 200 and body["status"] is True
         assert len(engines) == 2 and not engines[0].backend.closed
+        monkeypatch.setattr(engine_control, "DRAIN_WAIT_S", 0.05)
+        status, body = await b.post("/update_setting", {"setting_name": "ctx_size",
+                                                        "setting_value": 1024})
+        assert status == 200 and body["status"] is False, body
+        assert "still finishing" in body["error"] and len(engines) == 2
         gate.release(1000)
         final = await asyncio.wait_for(b.finals.get(), 30)
         assert final["finish_reason"] == "length" and final["data"] == "ab" * 10
@@ -207,6 +216,9 @@ async def test_engine_reload_lets_running_answers_finish(
         second = await b.generate("again")
         assert second["finish_reason"] == "length"
         assert engines[1].stats()["requests"] == 1
+        status, body = await b.post("/update_setting", {"setting_name": "ctx_size",
+                                                        "setting_value": 1024})
+        assert body["status"] is True and len(engines) == 3  # drained: reloads work again
     finally:
         gate.release(1000)
         await b.close()
