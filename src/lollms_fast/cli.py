@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_MODEL_FILE, Config, load_config
+from .config import DEFAULT_MODEL_FILE, Config, ConfigError, load_config
 from .errors import LollmsError
 from .modelfiles import list_models, resolve_model, stderr_progress
 
@@ -30,6 +33,10 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--ctx-size", "ctx_size", int, "context size in tokens per slot (default 2048)"),
     ("--parallel", "parallel", int, "parallel generation slots (default 8)"),
     ("--ui-dir", "ui_dir", str, "serve another web UI build from this folder"),
+    ("--api-key", "api_key", str, "require this key on every API request (never saved to "
+                                  "the config file; --api-key-file keeps it out of `ps`)"),
+    ("--ssl-certfile", "ssl_certfile", str, "serve HTTPS with this certificate (PEM)"),
+    ("--ssl-keyfile", "ssl_keyfile", str, "the private key (PEM) of --ssl-certfile"),
 )
 
 
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the HTTP + Socket.IO server on one model.")
     for flag, key, kind, help_text in SERVE_FLAGS:
         serve.add_argument(flag, dest=key, type=kind, metavar=key.upper(), help=help_text)
+    serve.add_argument("--api-key-file", dest="api_key_file", metavar="FILE",
+                       help="read the API key from this file (its first line)")
     serve.add_argument("--debug", action="store_const", const=True, default=None,
                        help="debug logging, one line per request")
 
@@ -113,7 +122,12 @@ def cmd_serve(config: Config) -> int:
     setup_logging(config.debug)
     log = logging.getLogger("lollms_fast")
     started = time.perf_counter()
+    if not is_loopback(config.host) and not config.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this address "
+                    "can read and change every discussion; set --api-key-file (see "
+                    "docs/security.md)", config.host)
     try:
+        context = ssl_context(config)
         model_path = resolve_model(config.model, config.models_dir, DEFAULT_MODEL_FILE,
                                    progress=stderr_progress("assembling default model"))
     except LollmsError as exc:  # a model, database or personality that cannot be used
@@ -122,7 +136,7 @@ def cmd_serve(config: Config) -> int:
     app = build_app(config)
 
     async def banner(_app: web.Application) -> None:
-        url = f"http://{config.host}:{config.port}/"
+        url = f"{'https' if context else 'http'}://{config.host}:{config.port}/"
         log.info("lollms-fast %s serving on %s", __version__, url)
         log.info("model %s | threads %d | slots %d | ctx %d per slot | data %s",
                  model_path, config.n_threads, config.parallel, config.ctx_size,
@@ -131,7 +145,7 @@ def cmd_serve(config: Config) -> int:
 
     app.on_startup.append(banner)
     try:
-        web.run_app(app, host=config.host, port=config.port, print=None,
+        web.run_app(app, host=config.host, port=config.port, print=None, ssl_context=context,
                     shutdown_timeout=3.0, access_log=None, handle_signals=True,
                     loop=new_event_loop())
     except LollmsError as exc:  # a model, database or personality that cannot be used
@@ -144,11 +158,53 @@ def cmd_serve(config: Config) -> int:
     return 0
 
 
+def read_key_file(path: Path) -> str:
+    """The API key in a file: its first line, surrounding blanks removed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read the API key file {path}: {reason}") from None
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"the API key file {path} is empty")
+    return lines[0].strip()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """HTTPS when a certificate is configured; ConfigError if it cannot be used."""
+    if not config.ssl_certfile and not config.ssl_keyfile:
+        return None
+    if not config.ssl_certfile or not config.ssl_keyfile:
+        raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use the TLS certificate {config.ssl_certfile}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     try:
+        key_file = flags.pop("api_key_file", None)
+        if key_file is not None:
+            if flags.get("api_key") is not None:
+                raise ConfigError("give --api-key or --api-key-file, not both")
+            flags["api_key"] = read_key_file(Path(key_file))
         config = load_config(flags)
     except LollmsError as exc:
         print(f"lollms-fast: error: {exc.message}", file=sys.stderr)

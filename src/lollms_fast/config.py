@@ -110,7 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue_size", int, 64,
             "Requests allowed to wait for a free slot; more get a 'busy' error.", lo=0, hi=100000),
     Setting("api_key", str, "",
-            "If set, every HTTP request and Socket.IO connection must present it.", secret=True),
+            "If set, every API request and Socket.IO connection must present it.",
+            secret=True, persist=False),
     Setting("allowed_origins", str, "",
             "Comma-separated extra origins allowed for cross-origin Socket.IO/HTTP ('*' = any).",),
     Setting("max_body_size", int, 32 * 1024 * 1024, "Largest accepted request body in bytes.",
@@ -119,6 +120,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ui_dir", str, "", "Serve the web UI from this folder instead of the built-in one."),
     Setting("allow_private_downloads", bool, False,
             "Let install_model download from loopback and private-network addresses."),
+    Setting("ssl_certfile", str, "", "TLS certificate (PEM) to serve HTTPS with."),
+    Setting("ssl_keyfile", str, "", "TLS private key (PEM) of ssl_certfile."),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -185,6 +188,8 @@ class Config:
     durable: bool = _default("durable")
     ui_dir: str = _default("ui_dir")
     allow_private_downloads: bool = _default("allow_private_downloads")
+    ssl_certfile: str = _default("ssl_certfile")
+    ssl_keyfile: str = _default("ssl_keyfile")
     extra: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -385,7 +390,10 @@ def load_config(
     config_file = Path(data_dir).expanduser() / CONFIG_FILE_NAME
     from_file = read_config_file(config_file)
 
-    extra = {k: v for k, v in from_file.items() if k not in SETTINGS_BY_NAME}
+    # unknown keys, and the file's own value of settings it never writes (an api_key kept in
+    # the file stays there; one given by flag or environment is never written to it)
+    extra = {k: v for k, v in from_file.items()
+             if k not in SETTINGS_BY_NAME or not SETTINGS_BY_NAME[k].persist}
     values: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
     for layer_name, layer in (("file " + str(config_file), from_file), ("environment", env),

@@ -39,15 +39,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def presented_key(request: web.Request) -> str:
+    """The key a request carries: `Authorization: Bearer`, `X-API-Key`, or the web UI's
+    same-site cookie. Never the query string (URLs end up in logs and browser history)."""
     auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
+    if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
-    return (request.headers.get("X-API-Key") or request.cookies.get("lollms_api_key")
-            or request.query.get("api_key") or "")
+    return request.headers.get("X-API-Key") or request.cookies.get("lollms_api_key") or ""
 
 
 def key_matches(expected: str, presented: str) -> bool:
-    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+    """Constant-time comparison; a header that is not valid text simply does not match."""
+    try:
+        given = presented.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable header bytes arrive as lone surrogates
+        return False
+    return hmac.compare_digest(expected.encode("utf-8"), given)
 
 
 SOCKETIO_PREFIX = "/socket.io/"

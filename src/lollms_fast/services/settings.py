@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import DEFAULT_MODEL_FILE, Config, reload_keys, reset_config, validate
+from ..config import DEFAULT_MODEL_FILE, SETTINGS, Config, reload_keys, reset_config, validate
 from ..errors import BadRequest, LollmsError, NotFound
 from ..personalities.loader import safe_name
 
@@ -191,9 +191,8 @@ class SettingsService:
         data dir, database, API key and UI dir stay. Applied like apply_settings; not saved.
         """
         target = reset_config(self._config)
-        changes = {name: value for name, value in target.to_dict(reveal_secrets=True).items()
-                   if name not in self._config.extra
-                   and value != getattr(self._config, name)}
+        changes = {s.name: getattr(target, s.name) for s in SETTINGS
+                   if getattr(target, s.name) != getattr(self._config, s.name)}
         try:
             errors = await self.apply_changes(changes)
         except LollmsError as exc:
