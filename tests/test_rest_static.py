@@ -28,7 +28,7 @@ async def raw_get(client: TestClient, raw_path: str) -> tuple[int, dict[str, str
     assert client.host is not None and client.port is not None
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
-        writer.write(f"GET {raw_path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        writer.write(f"GET {raw_path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                      .encode("latin-1"))
         await writer.drain()
         data = await reader.read()

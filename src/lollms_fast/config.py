@@ -114,6 +114,9 @@ SETTINGS: tuple[Setting, ...] = (
             secret=True, persist=False),
     Setting("allowed_origins", str, "",
             "Comma-separated extra origins allowed for cross-origin Socket.IO/HTTP ('*' = any).",),
+    Setting("allowed_hosts", str, "",
+            "Comma-separated extra host names the server answers to, besides localhost, "
+            "loopback addresses, the bind address and the machine's name ('*' = any)."),
     Setting("max_body_size", int, 32 * 1024 * 1024, "Largest accepted request body in bytes.",
             lo=1024, hi=2**34),
     Setting("durable", bool, False, "SQLite synchronous=FULL instead of NORMAL."),
@@ -184,6 +187,7 @@ class Config:
     queue_size: int = _default("queue_size")
     api_key: str = _default("api_key")
     allowed_origins: str = _default("allowed_origins")
+    allowed_hosts: str = _default("allowed_hosts")
     max_body_size: int = _default("max_body_size")
     durable: bool = _default("durable")
     ui_dir: str = _default("ui_dir")

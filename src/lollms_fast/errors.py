@@ -31,6 +31,19 @@ class PayloadTooLarge(LollmsError):
     status = 413
 
 
+class UnsupportedMediaType(LollmsError):
+    """A body that is not declared as JSON (a form, text/plain): CSRF-safe routes take JSON
+    only, which a cross-site form cannot send."""
+
+    status = 415
+
+
+class UpstreamError(LollmsError):
+    """A server this one fetched from failed (a model download)."""
+
+    status = 502
+
+
 class Busy(LollmsError):
     """Every slot and the whole wait queue are taken."""
 

@@ -7,14 +7,25 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..errors import BadRequest
+from ..errors import BadRequest, UnsupportedMediaType
 from ..parsing import parse_int
 
 __all__ = ["parse_int", "query_int", "query_str", "read_json_object", "require_field",
            "require_id"]
 
 
+def require_json_type(request: web.Request) -> None:
+    """JSON bodies must say so (`application/json` or `*/*+json`): a cross-site HTML form or
+    a `text/plain` fetch cannot, and a 415 answers them before the body is read."""
+    kind = request.content_type.lower()
+    if kind != "application/json" and not (kind.startswith("application/")
+                                           and kind.endswith("+json")):
+        raise UnsupportedMediaType(f"the body must be JSON sent as application/json, "
+                                   f"not {kind or 'untyped'}")
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
+    require_json_type(request)
     body = await request.read()  # raises 413 past client_max_size
     if not body:
         raise BadRequest("a JSON body is required")

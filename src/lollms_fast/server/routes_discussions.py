@@ -17,6 +17,7 @@ from .requests import (
     require_id,
 )
 from .responses import JSON_CONTENT_TYPE, json_bytes_response, json_response
+from .security import changes_state
 from .session import client_session
 
 routes = web.RouteTableDef()
@@ -25,6 +26,7 @@ OK = {"status": True}
 
 
 @routes.get("/new_discussion")
+@changes_state
 async def new_discussion(request: web.Request) -> web.Response:
     title = query_str(request, "title", required=False)
     result = await request.app[DISCUSSIONS].new_discussion(client_session(request), title)
@@ -65,6 +67,7 @@ async def edit_title(request: web.Request) -> web.Response:
 
 
 @routes.get("/update_message")
+@changes_state
 async def update_message(request: web.Request) -> web.Response:
     message_id = query_int(request, "id")
     content = query_str(request, "message")
@@ -79,16 +82,19 @@ async def _rank(request: web.Request, delta: int) -> web.Response:
 
 
 @routes.get("/message_rank_up")
+@changes_state
 async def message_rank_up(request: web.Request) -> web.Response:
     return await _rank(request, 1)
 
 
 @routes.get("/message_rank_down")
+@changes_state
 async def message_rank_down(request: web.Request) -> web.Response:
     return await _rank(request, -1)
 
 
 @routes.get("/delete_message")
+@changes_state
 async def delete_message(request: web.Request) -> web.Response:
     await request.app[DISCUSSIONS].delete_message(client_session(request),
                                                   query_int(request, "id"))
@@ -144,6 +150,7 @@ async def import_multiple_discussions(request: web.Request) -> web.Response:
 
 
 @routes.get("/stop_gen")
+@changes_state
 async def stop_gen(request: web.Request) -> web.Response:
     client_session(request).request_stop()
     return json_response(OK)

@@ -10,6 +10,7 @@ from aiohttp import web
 from .keys import SETTINGS
 from .requests import query_str, read_json_object, require_field
 from .responses import json_response
+from .security import changes_state
 
 routes = web.RouteTableDef()
 
@@ -37,6 +38,7 @@ async def apply_settings(request: web.Request) -> web.Response:
 
 
 @routes.get("/set_personality_language")
+@changes_state
 async def set_personality_language(request: web.Request) -> web.Response:
     language = query_str(request, "language")
     await request.app[SETTINGS].change({"personality_language": language})
@@ -44,6 +46,7 @@ async def set_personality_language(request: web.Request) -> web.Response:
 
 
 @routes.get("/set_personality_category")
+@changes_state
 async def set_personality_category(request: web.Request) -> web.Response:
     category = query_str(request, "category")
     await request.app[SETTINGS].change({"personality_category": category})
