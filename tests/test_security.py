@@ -219,3 +219,181 @@ def test_warning_when_listening_beyond_loopback_without_a_key(
     finally:
         seen += _stop(proc)
     assert "without an API key" in seen
+
+
+# ---------------------------------------------------------------- DNS rebinding and CSRF
+
+
+@pytest.fixture
+async def open_client(aiohttp_client: Any, make_config: Callable[..., Config]) -> TestClient:
+    """A server with no key, on loopback: the default that pages must not be able to abuse."""
+    return await aiohttp_client(build_app(make_config(), backend_factory=None))
+
+
+async def new_discussion(client: TestClient) -> int:
+    resp = await client.get("/new_discussion", params={"title": "mine"})
+    assert resp.status == 200
+    return int((await resp.json())["id"])
+
+
+async def state(client: TestClient) -> tuple[Any, ...]:
+    """Everything a refused request could have changed."""
+    listing = await (await client.get("/list_discussions")).json()
+    config = await (await client.get("/get_config")).json()
+    messages = []
+    for d in listing:
+        resp = await client.post("/load_discussion", json={"id": d["id"]})
+        messages.append(await resp.json())
+    return listing, config, messages
+
+
+REBINDING_HOSTS = ["attacker.example:9600", "attacker.example", "attacker.example.",
+                   "attacker.example:1234", "[2001:db8::1]:9600", "10.0.0.7:9600",
+                   "localhost.attacker.example", "127.0.0.1.nip.io:9600", "local host",
+                   "[::1", "localhost:abc"]
+
+
+@pytest.mark.parametrize("host", REBINDING_HOSTS)
+async def test_dns_rebinding_hosts_are_403(open_client: TestClient, host: str) -> None:
+    await new_discussion(open_client)
+    before = await state(open_client)
+    for method, path, body in (("GET", "/export", None), ("GET", "/list_discussions", None),
+                               ("POST", "/delete_discussion", {"id": 1}),
+                               ("GET", "/socket.io/?EIO=4&transport=polling", None)):
+        resp = await open_client.request(method, path, json=body, headers={"Host": host})
+        assert resp.status == 403, (host, path, resp.status)
+        assert "discussion" not in await resp.text()
+    assert await state(open_client) == before
+
+
+@pytest.mark.parametrize("host", ["localhost:9600", "localhost", "LOCALHOST.:9600",
+                                  "127.0.0.1:9600", "127.5.5.5", "[::1]:9600", "[::1]",
+                                  "chat.localhost:9600"])
+async def test_own_names_are_served(open_client: TestClient, host: str) -> None:
+    resp = await open_client.get("/list_discussions", headers={"Host": host})
+    assert resp.status == 200, host
+
+
+async def test_the_machine_name_and_allowed_hosts_are_served(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    import socket
+
+    client = await aiohttp_client(build_app(
+        make_config(allowed_hosts="chat.example.org, 192.168.1.20"), backend_factory=None))
+    for host in (socket.gethostname(), "chat.example.org:443", "192.168.1.20:9600"):
+        assert (await client.get("/list_discussions", headers={"Host": host})).status == 200
+    assert (await client.get("/list_discussions",
+                             headers={"Host": "other.example.org"})).status == 403
+    anyone = await aiohttp_client(build_app(make_config(allowed_hosts="*"),
+                                            backend_factory=None))
+    assert (await anyone.get("/list_discussions",
+                             headers={"Host": "attacker.example"})).status == 200
+
+
+async def test_socketio_handshake_from_a_rebound_host_is_refused(
+        open_client: TestClient) -> None:
+    """CVE-2024-1511's class: Host and Origin both the attacker's name."""
+    evil = "attacker.example:9600"
+    resp = await open_client.get("/socket.io/?EIO=4&transport=polling",
+                                 headers={"Host": evil, "Origin": f"http://{evil}"})
+    assert resp.status == 403
+    # and a cross-origin handshake on a good Host is refused by the Socket.IO origin check
+    resp = await open_client.get("/socket.io/?EIO=4&transport=polling",
+                                 headers={"Origin": "http://evil.example"})
+    assert resp.status == 400
+    ok = await open_client.get("/socket.io/?EIO=4&transport=polling")
+    assert ok.status == 200
+
+
+CROSS_SITE = [
+    {"Origin": "http://evil.example"},
+    {"Origin": "http://localhost:8080"},  # another local service is another origin
+    {"Origin": "null"},
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},
+]
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+async def test_csrf_on_post_routes_is_403_and_changes_nothing(
+        open_client: TestClient, headers: dict[str, str]) -> None:
+    discussion = await new_discussion(open_client)
+    before = await state(open_client)
+    for path, body in (("/delete_discussion", {"id": discussion}),
+                       ("/edit_title", {"id": discussion, "title": "pwned"}),
+                       ("/update_setting", {"setting_name": "temperature",
+                                            "setting_value": 0.1}),
+                       ("/import_multiple_discussions", {"jArray": [{"title": "x"}]}),
+                       ("/reset_settings", None), ("/save_settings", None)):
+        resp = await open_client.post(path, json=body, headers=headers)
+        assert resp.status == 403, (path, headers, resp.status)
+    assert await state(open_client) == before
+    assert not (config_path(open_client)).exists()
+
+
+def config_path(client: TestClient) -> Path:
+    from lollms_fast.server.keys import SETTINGS
+
+    return client.server.app[SETTINGS].config.config_path
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+async def test_csrf_on_state_changing_get_routes_is_403(
+        open_client: TestClient, headers: dict[str, str]) -> None:
+    """The 2023 API changes state with GETs, which an <img> tag can send."""
+    discussion = await new_discussion(open_client)
+    messages = await (await open_client.post("/load_discussion",
+                                             json={"id": discussion})).json()
+    message = messages[0]["id"]
+    before = await state(open_client)
+    for path, params in (("/new_discussion", {"title": "x"}),
+                         ("/delete_message", {"id": message}),
+                         ("/update_message", {"id": message, "message": "pwned"}),
+                         ("/message_rank_up", {"id": message}),
+                         ("/message_rank_down", {"id": message}),
+                         ("/set_personality_language", {"language": "french"}),
+                         ("/set_personality_category", {"category": "general"}),
+                         ("/stop_gen", {})):
+        resp = await open_client.get(path, params=params, headers=headers)
+        assert resp.status == 403, (path, headers, resp.status)
+    assert await state(open_client) == before
+
+
+async def test_form_and_text_bodies_are_415_and_change_nothing(
+        open_client: TestClient) -> None:
+    """What a plain HTML form or a no-preflight fetch can send; no Origin needed to refuse."""
+    discussion = await new_discussion(open_client)
+    before = await state(open_client)
+    raw = f'{{"id": {discussion}}}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                         "multipart/form-data; boundary=x", ""):
+        headers = {"Content-Type": content_type} if content_type else {}
+        resp = await open_client.post("/delete_discussion", data=raw.encode(),
+                                      headers=headers)
+        assert resp.status == 415, (content_type, resp.status)
+    assert await state(open_client) == before
+
+
+async def test_same_origin_scripts_and_listed_origins_pass(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    client = await aiohttp_client(build_app(make_config(allowed_origins="https://ui.example"),
+                                            backend_factory=None))
+    own = f"http://{client.host}:{client.port}"
+    for headers in ({}, {"Origin": own}, {"Origin": own, "Sec-Fetch-Site": "same-origin"},
+                    {"Origin": "https://ui.example"}, {"Sec-Fetch-Site": "none"}):
+        resp = await client.get("/new_discussion", headers=headers)
+        assert resp.status == 200, headers
+        resp = await client.post("/edit_title", json={"id": 1, "title": "ok"},
+                                 headers=headers)
+        assert resp.status == 200, headers
+
+
+async def test_security_headers(open_client: TestClient) -> None:
+    api = await open_client.get("/list_discussions")
+    assert api.headers["X-Content-Type-Options"] == "nosniff"
+    assert api.headers["Referrer-Policy"] == "no-referrer"
+    page = await open_client.get("/")
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "Content-Security-Policy" not in api.headers
