@@ -111,3 +111,18 @@ def test_typed_control_tokens_stay_text_but_the_personality_may_use_them() -> No
     for text in ("old <eot> question", "old <eot> answer", "new <eot> message"):
         chars = [ord(c) for c in text]
         assert any(built.tokens[i:i + len(chars)] == chars for i in range(len(built.tokens)))
+
+
+def test_a_past_turn_longer_than_the_limit_ends_the_history() -> None:
+    """A huge stored message (an import, an edit) is never tokenized: the history stops
+    there, newer turns are kept."""
+    history = [Turn("user", "old"), Turn("lollms", "z" * 1000), Turn("user", "recent")]
+    calls: list[str] = []
+
+    def counting(text: str, add_bos: bool, special: bool) -> list[int]:
+        calls.append(text)
+        return char_tokenize(text, add_bos, special)
+
+    built = build_prompt(STYLE, history, "q", counting, 10_000, 10, max_turn_chars=100)
+    assert built.n_history_used == 1 and "recent" in built.text and "old" not in built.text
+    assert all(len(text) <= 100 for text in calls)

@@ -397,3 +397,87 @@ async def test_security_headers(open_client: TestClient) -> None:
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert page.headers["X-Frame-Options"] == "DENY"
     assert "Content-Security-Policy" not in api.headers
+
+
+# ---------------------------------------------------------------- size limits
+
+
+def _export(n_discussions: int, n_messages: int, content: str = "hi") -> dict[str, Any]:
+    return {"jArray": [{"title": f"d{i}", "messages": [
+        {"sender": "user", "content": content, "type": 0, "rank": 0}
+        for _ in range(n_messages)]} for i in range(n_discussions)]}
+
+
+async def test_imports_have_their_own_size_limit_and_a_count_cap(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    client = await aiohttp_client(build_app(make_config(
+        max_body_size=4096, max_import_size=256 * 1024, max_import_messages=100),
+        backend_factory=None))
+    # larger than max_body_size, within max_import_size: accepted
+    resp = await client.post("/import_multiple_discussions", json=_export(2, 40, "x" * 100))
+    assert resp.status == 200, await resp.text()
+    before = await state(client)
+    for body, why in ((_export(1, 10, "y" * 30_000), "bytes"),
+                      (_export(101, 0), "discussions"), (_export(3, 40), "messages")):
+        resp = await client.post("/import_multiple_discussions", json=body)
+        assert resp.status == 413, (why, resp.status)
+        assert (await resp.json())["status"] is False
+    assert await state(client) == before
+    # other routes keep max_body_size
+    resp = await client.post("/edit_title", json={"id": 1, "title": "t" * 5000})
+    assert resp.status == 413
+
+
+async def test_an_import_without_content_length_is_cut_at_the_limit(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    import orjson
+
+    client = await aiohttp_client(build_app(make_config(max_import_size=64 * 1024),
+                                            backend_factory=None))
+    payload = orjson.dumps(_export(1, 1, "z" * 200_000))
+
+    async def chunked() -> Any:
+        for i in range(0, len(payload), 8192):
+            yield payload[i:i + 8192]
+
+    resp = await client.post("/import_multiple_discussions", data=chunked(),
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert await (await client.get("/list_discussions")).json() == []
+
+
+async def test_a_prompt_over_max_prompt_chars_is_refused_before_tokenizing(
+        aiohttp_server: Any, make_config: Callable[..., Config]) -> None:
+    from chatkit import Browser
+    from fakes import ScriptedBackend
+    from lollms_fast.engine import Engine
+
+    tokenized: list[int] = []
+
+    class Watching(ScriptedBackend):
+        def tokenize(self, text: str, add_special: bool = True,
+                     parse_special: bool = False) -> list[int]:
+            tokenized.append(len(text))
+            return super().tokenize(text, add_special, parse_special)
+
+    def loader(config: Config) -> Engine:
+        engine = Engine(Watching([b"ok"]), parallel=1, n_ctx_slot=config.ctx_size,
+                        n_batch=config.n_batch, queue_size=config.queue_size)
+        engine.start()
+        return engine
+
+    server = await aiohttp_server(build_app(make_config(max_prompt_chars=1000, ctx_size=4096),
+                                            backend_factory=loader))
+    b = await Browser.open(str(server.make_url("")).rstrip("/"))
+    try:
+        _, created = await b.get("/new_discussion", title="limits")
+        before = await b.messages(created["id"])
+        final = await b.generate("w" * 1001)
+        assert final["finish_reason"] == "error"
+        infos = [d for n, d in b.events if n == "infos"]
+        assert "max_prompt_chars" in infos[-1]["message"]
+        assert await b.messages(created["id"]) == before
+        assert all(n <= 1000 for n in tokenized)
+        assert (await b.generate("w" * 1000))["finish_reason"] == "stop"
+    finally:
+        await b.close()

@@ -117,8 +117,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allowed_hosts", str, "",
             "Comma-separated extra host names the server answers to, besides localhost, "
             "loopback addresses, the bind address and the machine's name ('*' = any)."),
-    Setting("max_body_size", int, 32 * 1024 * 1024, "Largest accepted request body in bytes.",
+    Setting("max_body_size", int, 8 * 1024 * 1024,
+            "Largest accepted request body (and Socket.IO message) in bytes.",
             lo=1024, hi=2**34),
+    Setting("max_import_size", int, 64 * 1024 * 1024,
+            "Largest /import_multiple_discussions body in bytes.", lo=1024, hi=2**36),
+    Setting("max_import_messages", int, 200_000,
+            "Most discussions, and most messages, one import may hold.", lo=1, hi=100_000_000),
+    Setting("max_prompt_chars", int, 100_000,
+            "Longest prompt in characters, checked before tokenizing; longer stored messages "
+            "are left out of the history.", lo=1, hi=100_000_000),
     Setting("durable", bool, False, "SQLite synchronous=FULL instead of NORMAL."),
     Setting("ui_dir", str, "", "Serve the web UI from this folder instead of the built-in one."),
     Setting("allow_private_downloads", bool, False,
@@ -189,6 +197,9 @@ class Config:
     allowed_origins: str = _default("allowed_origins")
     allowed_hosts: str = _default("allowed_hosts")
     max_body_size: int = _default("max_body_size")
+    max_import_size: int = _default("max_import_size")
+    max_import_messages: int = _default("max_import_messages")
+    max_prompt_chars: int = _default("max_prompt_chars")
     durable: bool = _default("durable")
     ui_dir: str = _default("ui_dir")
     allow_private_downloads: bool = _default("allow_private_downloads")

@@ -6,13 +6,13 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from ..errors import BadRequest
-from .keys import DISCUSSIONS
+from .keys import DISCUSSIONS, SETTINGS
 from .requests import (
     parse_int,
     query_int,
     query_str,
     read_json_object,
+    read_limited,
     require_field,
     require_id,
 )
@@ -142,10 +142,9 @@ async def export_discussion(request: web.Request) -> web.Response:
 
 @routes.post("/import_multiple_discussions")
 async def import_multiple_discussions(request: web.Request) -> web.Response:
-    data = await read_json_object(request)
-    if "jArray" not in data:
-        raise BadRequest("field 'jArray' is required")
-    ids = await request.app[DISCUSSIONS].import_many(data["jArray"])
+    config = request.app[SETTINGS].config
+    body = await read_limited(request, config.max_import_size)
+    ids = await request.app[DISCUSSIONS].import_json(body, config.max_import_messages)
     return json_response({"status": True, "ids": ids})
 
 

@@ -164,6 +164,10 @@ class ChatService:
     async def _new_turn(self, session: ClientSession, prompt: Any) -> Target:
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadRequest("prompt must be a non-empty string")
+        limit = self.settings.config.max_prompt_chars
+        if len(prompt) > limit:  # checked before anything is tokenized or written
+            raise BadRequest(f"the prompt has {len(prompt)} characters; at most {limit} are "
+                             f"accepted (max_prompt_chars)")
         messages = None
         if session.discussion_id is not None:
             messages = await self.store.messages(session.discussion_id)
@@ -195,6 +199,10 @@ class ChatService:
             if parent is None or parent["type"] != MSG_NORMAL:
                 raise BadRequest(f"message {message_id} does not answer a user message")
             message = parent
+        limit = self.settings.config.max_prompt_chars
+        if len(str(message["content"])) > limit:
+            raise BadRequest(f"message {message['id']} is longer than max_prompt_chars "
+                             f"({limit} characters): it cannot be answered")
         path = branch(messages, int(message["id"]))
         session.select(discussion_id, int(message["id"]))
         return Target(discussion_id, int(message["id"]), str(message["content"]), path[:-1],
@@ -301,6 +309,7 @@ class _Answer:
             budget=history_budget,
             limit=limit,
             max_history=config.nb_messages_to_remember,
+            max_turn_chars=config.max_prompt_chars,
         )
 
     async def stream(self, target: Target, generation: Generation) -> None:

@@ -6,11 +6,14 @@ global; the rows live in the store.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-from ..errors import BadRequest, Conflict, NotFound
+import orjson
+
+from ..errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from ..parsing import parse_int
 from ..storage.discussions import (
     MSG_CONDITIONING,
@@ -123,8 +126,11 @@ class DiscussionService:
         return render_transcript(personality, branch(messages, leaf),
                                  self.settings.config.nb_messages_to_remember)
 
-    async def import_many(self, raw: Any) -> list[int]:
-        return await self.store.import_many(parse_import(raw))
+    async def import_json(self, body: bytes, max_items: int) -> list[int]:
+        """An import request's body: parsed and checked whole in a thread (a large import
+        must not stall the event loop), then written in one transaction."""
+        discussions = await asyncio.to_thread(parse_import_body, body, max_items)
+        return await self.store.import_many(discussions)
 
 
 # ------------------------------------------------------------------ import payload
@@ -152,10 +158,31 @@ def _message(raw: Any, where: str) -> ImportedMessage:
                            created))
 
 
-def parse_import(raw: Any) -> list[ImportedDiscussion]:
+def parse_import_body(body: bytes, max_items: int) -> list[ImportedDiscussion]:
+    """`{"jArray": [...]}`: at most `max_items` discussions and `max_items` messages."""
+    if not body:
+        raise BadRequest("a JSON body is required")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the JSON body must be an object")
+    if "jArray" not in data:
+        raise BadRequest("field 'jArray' is required")
+    return parse_import(data["jArray"], max_items)
+
+
+def parse_import(raw: Any, max_items: int) -> list[ImportedDiscussion]:
     """The export format, checked whole before anything is written (BadRequest otherwise)."""
     if not isinstance(raw, list):
         raise BadRequest("jArray must be a list of discussions")
+    if len(raw) > max_items:
+        raise PayloadTooLarge(f"an import holds at most {max_items} discussions")
+    n_messages = sum(len(d["messages"]) for d in raw
+                     if isinstance(d, dict) and isinstance(d.get("messages"), list))
+    if n_messages > max_items:
+        raise PayloadTooLarge(f"an import holds at most {max_items} messages")
     out: list[ImportedDiscussion] = []
     for i, d in enumerate(raw):
         where = f"jArray[{i}]"

@@ -91,10 +91,12 @@ def build_prompt(
     budget: int,
     max_history: int,
     limit: int | None = None,
+    max_turn_chars: int | None = None,
 ) -> BuiltPrompt:
     """Tokens for the model. `history` is the branch, oldest first, without the new prompt.
     Past turns are kept, newest first, while the whole stays within `budget` tokens; the
-    conditioning and the new turn alone may take up to `limit` (default: `budget`)."""
+    conditioning and the new turn alone may take up to `limit` (default: `budget`). A past
+    turn longer than `max_turn_chars` ends the history there (it is never tokenized)."""
     limit = budget if limit is None else limit
     recent = list(history[-max_history:]) if max_history > 0 else []
     own: dict[str, list[int]] = {}  # the personality's segments recur: tokenize them once
@@ -124,6 +126,8 @@ def build_prompt(
     kept: list[list[int]] = []
     used = fixed
     for turn in reversed(recent):
+        if max_turn_chars is not None and len(turn.content) > max_turn_chars:
+            break
         tokens = segment_tokens(style.turn_segments(turn.content, style.is_ai(turn.sender)))
         if used + len(tokens) > budget:
             break
