@@ -364,9 +364,9 @@ async def test_unparsable_json_is_400(rest_client: TestClient, route: str, raw: 
 
 
 @pytest.mark.parametrize("route", ["/load_discussion", "/delete_discussion", "/rename",
-                                   "/edit_title", "/export_multiple_discussions",
-                                   "/import_multiple_discussions"])
+                                   "/edit_title", "/export_multiple_discussions"])
 async def test_oversize_body_is_413(rest_client: TestClient, route: str) -> None:
+    """max_body_size; imports have their own limit (tests/test_security.py)."""
     from conftest import REST_BODY_LIMIT
 
     await new_discussion(rest_client)
