@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 import socketio
 from aiohttp.test_utils import TestClient, TestServer
-from fakes import ScriptedBackend
 from yarl import URL
 
+from fakes import ScriptedBackend
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.engine import Engine
@@ -278,13 +278,18 @@ async def assert_saved(page: Page, discussion_id: int, final: dict[str, Any]) ->
     assert saved[final["ai_message_id"]]["content"] == final["data"] == "Hello from the script."
 
 
-@pytest.mark.parametrize("transport", ["polling", "websocket"])
+# A polling handshake then an upgrade, as socket.io-client connects. (Not polling only: the
+# python-socketio client's disconnect then waits for its pending long poll, about a minute.)
+UPGRADE = ["polling", "websocket"]
+
+
+@pytest.mark.parametrize("transports", [UPGRADE, ["websocket"]])
 async def test_a_socket_opened_first_shares_the_session_with_later_http_calls(
-        pages: Callable[..., Page], transport: str) -> None:
+        pages: Callable[..., Page], transports: list[str]) -> None:
     """The socket is the client's very first contact: its handshake response sets the
     cookie, the page's HTTP calls carry it, and the answer lands in their discussion."""
     page = pages()
-    await page.connect(transports=[transport])
+    await page.connect(transports=transports)
     assert page.cookie() is not None
     created = await page.http_json("GET", "/new_discussion", params={"title": "mine"})
     final = await page.generate("hi")
@@ -303,7 +308,7 @@ async def test_a_polling_handshake_with_the_page_cookie_shares_its_session(
     cookie = page.cookie()
     assert cookie is not None
     script = pages(keep_cookies=False)  # the socket side: only the Cookie header we give it
-    await script.connect(transports=["polling", "websocket"],
+    await script.connect(transports=UPGRADE,
                          headers={"Cookie": f"{COOKIE_NAME}={cookie}"})
     created = await page.http_json("GET", "/new_discussion", params={"title": "mine"})
     final = await script.generate("hi")
@@ -316,7 +321,7 @@ async def test_cookieless_sockets_get_sessions_of_their_own(
     http_only = pages(keep_cookies=False)
     created = await http_only.http_json("GET", "/new_discussion", params={"title": "http"})
     first, second = pages(keep_cookies=False), pages(keep_cookies=False)
-    await first.connect(transports=["polling"])
+    await first.connect(transports=UPGRADE)
     await second.connect(transports=["websocket"])
     a, b = await first.generate("hi"), await second.generate("hi")
     ids = {a["discussion_id"], b["discussion_id"], created["id"]}
