@@ -9,25 +9,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from aiohttp import web
 
 from .config import Config
-from .engine import load_engine
+from .engine import Engine, EngineMetrics, load_engine
 from .personalities.loader import PersonalityLibrary
 from .server import (
     middlewares,
     routes_discussions,
     routes_listing,
+    routes_ops,
     routes_settings,
     routes_static,
+    security,
 )
 from .server.keys import (
     CHAT,
     DATABASE,
     DISCUSSIONS,
     ENGINE_CONTROL,
+    ENGINE_METRICS,
     PERSONALITIES,
     SESSIONS,
     SETTINGS,
@@ -46,23 +48,23 @@ from .storage.discussions import DiscussionStore
 
 log = logging.getLogger("lollms_fast")
 
-EngineLoader = Callable[[Config], Any]
+# Config -> a started engine (blocking: run in a thread); tests pass scripted ones
+EngineLoader = Callable[[Config], Engine]
 
 
 # after a reload the old engine keeps serving the answers it has begun for up to this long
 RELOAD_DRAIN_S = 120.0
 
 
-def close_engine(engine: Any, drain_s: float = RELOAD_DRAIN_S) -> None:
+def close_engine(engine: Engine, drain_s: float = RELOAD_DRAIN_S) -> None:
     """Blocking (runs in a thread). New requests already go to the new engine; answers still
     running or queued on this one get `drain_s` to finish before it is closed (closing
     cancels whatever is left, and those answers end as `cancelled`, saved). At shutdown
     the chat service has cancelled everything first, so this returns at once."""
-    stats = getattr(engine, "stats", None)
     deadline = time.monotonic() + drain_s
-    while stats is not None and time.monotonic() < deadline:
-        figures = stats()
-        if not figures.get("slots_busy") and not figures.get("queued"):
+    while time.monotonic() < deadline:
+        figures = engine.stats()
+        if not figures["slots_busy"] and not figures["queued"]:
             break
         time.sleep(0.05)
     engine.close()
@@ -76,13 +78,24 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
         middlewares=[
             middlewares.access_log_middleware,
             middlewares.errors_middleware,
+            security.security_middleware(config),  # Host and origin, before the key
             middlewares.api_key_middleware,
         ],
     )
+    app.on_response_prepare.append(security.security_headers)
     # the session cookie goes on every response, errors and 401s included (SPEC "Sessions")
     app.on_response_prepare.append(set_session_cookie)
     library = PersonalityLibrary(config.personalities_dir)
-    engine: EngineControl[Any] = EngineControl(backend_factory, close_engine)
+    engine_metrics = EngineMetrics()  # one for every engine of this app: counters never reset
+
+    def load(config: Config) -> Engine:
+        assert backend_factory is not None
+        loaded = backend_factory(config)
+        loaded.metrics = engine_metrics  # before any request reaches it
+        return loaded
+
+    engine: EngineControl[Engine] = EngineControl(
+        load if backend_factory is not None else None, close_engine)
     settings = SettingsService(config, library=library, engine=engine)
     personalities = PersonalityService(library, settings)
     # the Socket.IO connect handler finds the HTTP session here from its handshake request
@@ -90,6 +103,7 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     database = Database(config.database_path, durable=config.durable)
     app[SETTINGS] = settings
     app[ENGINE_CONTROL] = engine
+    app[ENGINE_METRICS] = engine_metrics
     app[PERSONALITIES] = personalities
     app[SESSIONS] = sessions
     app[DATABASE] = database
@@ -105,20 +119,22 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app.add_routes(routes_settings.routes)
     app.add_routes(routes_listing.routes)
     app.add_routes(routes_discussions.routes)
+    app.add_routes(routes_ops.routes)
+    app[routes_ops.METRICS_REGISTRY] = routes_ops.metrics_registry(app)
     app.add_routes(routes_static.routes)  # last: holds the /{filename} catch-all
 
-    async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:
         await database.start()
         yield
         await database.close()
 
-    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def engine_ctx(_app: web.Application) -> AsyncIterator[None]:
         await engine.start(settings.config)
         yield
         await chat.shutdown()  # running answers end as `cancelled` and are saved
         await engine.stop()
 
-    async def close_sockets(app: web.Application) -> None:
+    async def close_sockets(_app: web.Application) -> None:
         await sio.shutdown()
 
     app.cleanup_ctx.append(storage_ctx)

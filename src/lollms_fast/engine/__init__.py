@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from .loader import backend_params, load_engine
+from .metrics import EngineMetrics
 from .scheduler import (
     Engine,
     Finish,
-    FinishReason,
     Generation,
     GenerationRequest,
     SamplingParams,
 )
+from .types import FinishReason
 
 __all__ = [
-    "Engine", "Finish", "FinishReason", "Generation", "GenerationRequest", "SamplingParams",
-    "backend_params", "load_engine",
+    "Engine", "EngineMetrics", "Finish", "FinishReason", "Generation", "GenerationRequest",
+    "SamplingParams", "backend_params", "load_engine",
 ]

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -30,21 +31,11 @@ import numpy.typing as npt
 from .._native import sampling, stops
 from ..errors import BadRequest, Busy, ModelNotReady
 from .batch import Batch, ModelBackend
+from .metrics import EngineMetrics
+from .types import FinishReason
 
 log = logging.getLogger("lollms_fast.engine")
 
-
-
-class FinishReason(str, Enum):
-    """Why a generation ended (its value is what clients receive as `finish_reason`)."""
-
-    STOP = "stop"  # end-of-generation token or anti-prompt
-    LENGTH = "length"  # n_predict reached, or the slot's context is full
-    CANCELLED = "cancelled"  # stop_gen, a client that went away, shutdown
-    ERROR = "error"  # the request failed; `Finish.error` says why
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -105,6 +96,7 @@ class Generation:
         self.request = request
         self.finish: Finish | None = None
         self.cancelled = False  # read by the engine thread between steps
+        self.submitted_at = time.monotonic()
         self._loop = loop
         self._wake = wake
         self._pieces: deque[str] = deque()
@@ -181,6 +173,7 @@ class _Slot:
         self.n_prompt = 0
         self.n_reused = 0
         self.n_generated = 0
+        self.last_token_at = 0.0  # monotonic time of its last sampled token
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -193,7 +186,8 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 class Engine:
     def __init__(self, backend: ModelBackend, *, parallel: int, n_ctx_slot: int, n_batch: int,
-                 queue_size: int, sampler_factory: SamplerFactory = default_sampler) -> None:
+                 queue_size: int, sampler_factory: SamplerFactory = default_sampler,
+                 metrics: EngineMetrics | None = None) -> None:
         if parallel < 1 or n_batch < 1 or n_ctx_slot < 2:
             raise ValueError("parallel, n_batch >= 1 and n_ctx_slot >= 2 are required")
         self.backend = backend
@@ -215,6 +209,8 @@ class Engine:
         self._updates: dict[Generation, _Update] = {}  # what this step produced, per request
         self._totals = {"prompt_decoded": 0, "prompt_reused": 0, "generated": 0, "steps": 0,
                         "requests": 0, "errors": 0}
+        # for /metrics; an app shares one across reloads (set before the engine serves)
+        self.metrics = metrics or EngineMetrics()
 
     # ------------------------------------------------------------------ any thread
 
@@ -260,7 +256,14 @@ class Engine:
         with self._cond:
             queued = len(self._waiting)
         busy = sum(1 for s in self._slots if s.gen is not None)
-        return {"slots": self.parallel, "slots_busy": busy, "queued": queued, **self._totals}
+        reading = sum(1 for s in self._slots if s.state is SlotState.PROMPT)
+        return {"slots": self.parallel, "slots_busy": busy, "slots_reading": reading,
+                "slots_generating": busy - reading, "queued": queued, **self._totals}
+
+    @property
+    def running(self) -> bool:
+        """The engine thread is alive (False before start and after close or a crash)."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing
 
     def drop_cache(self) -> None:
         """Idle slots forget their cached prefixes before the next admission (benchmarks
@@ -344,6 +347,7 @@ class Engine:
                 continue
             self._totals["prompt_reused"] += reuse
             self._totals["requests"] += 1
+            self.metrics.admitted(len(tokens), reuse)
 
     def _pick_slot(self, tokens: Sequence[int]) -> _Slot:
         """The idle slot sharing the longest prefix with `tokens`, among those whose cache
@@ -431,6 +435,14 @@ class Engine:
         slot.sampler.accept(token)
         slot.n_generated += 1
         self._totals["generated"] += 1
+        now = time.monotonic()
+        metrics = self.metrics
+        metrics.generated()
+        if slot.n_generated == 1:
+            metrics.time_to_first_token.observe(now - slot.gen.submitted_at)
+        else:
+            metrics.inter_token.observe(now - slot.last_token_at)
+        slot.last_token_at = now
         if self.backend.is_eog(token):
             self._end(slot, FinishReason.STOP)
             return
@@ -462,13 +474,14 @@ class Engine:
         slot.gen, slot.sampler, slot.detector = None, None, None
         slot.state = SlotState.IDLE
         slot.pending, slot.parts = (), []
-        self._release(reason)
+        self._release(gen, reason)
 
     def _finish_unslotted(self, gen: Generation, reason: FinishReason, error: str | None) -> None:
         self._emit(gen, "", Finish(reason, error, len(gen.request.tokens), 0, 0, ""))
-        self._release(reason)
+        self._release(gen, reason)
 
-    def _release(self, reason: FinishReason) -> None:
+    def _release(self, gen: Generation, reason: FinishReason) -> None:
+        self.metrics.ended(reason, time.monotonic() - gen.submitted_at)
         if reason is FinishReason.ERROR:
             self._totals["errors"] += 1
         with self._cond:

@@ -1,4 +1,4 @@
-"""Typed application-state keys shared by the routes."""
+"""Typed application-state keys shared by the routes and the Socket.IO events."""
 
 from __future__ import annotations
 
@@ -8,25 +8,22 @@ import socketio
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from ..engine.backend import Backend
-    from ..services.settings import SettingsService
-
-SETTINGS = web.AppKey("settings", "SettingsService")
-SIO = web.AppKey("sio", socketio.AsyncServer)
-BACKEND = web.AppKey("backend", "Backend")
-
-# discussions, sessions and personalities (lollms REST)
-if TYPE_CHECKING:
+    from ..engine.metrics import EngineMetrics
+    from ..engine.scheduler import Engine
     from ..services.chat import ChatService
     from ..services.discussions import DiscussionService
     from ..services.engine_control import EngineControl
     from ..services.personalities import PersonalityService
     from ..services.sessions import SessionStore
+    from ..services.settings import SettingsService
     from ..storage.db import Database
 
-DATABASE = web.AppKey("database", "Database")
-SESSIONS = web.AppKey("sessions", "SessionStore")
-DISCUSSIONS = web.AppKey("discussions", "DiscussionService")
-PERSONALITIES = web.AppKey("personalities", "PersonalityService")
-CHAT = web.AppKey("chat", "ChatService")
-ENGINE_CONTROL = web.AppKey("engine_control", "EngineControl[Any]")
+SETTINGS: web.AppKey[SettingsService] = web.AppKey("settings")
+SIO: web.AppKey[socketio.AsyncServer] = web.AppKey("sio")
+DATABASE: web.AppKey[Database] = web.AppKey("database")
+SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
+DISCUSSIONS: web.AppKey[DiscussionService] = web.AppKey("discussions")
+PERSONALITIES: web.AppKey[PersonalityService] = web.AppKey("personalities")
+CHAT: web.AppKey[ChatService] = web.AppKey("chat")
+ENGINE_CONTROL: web.AppKey[EngineControl[Engine]] = web.AppKey("engine_control")
+ENGINE_METRICS: web.AppKey[EngineMetrics] = web.AppKey("engine_metrics")

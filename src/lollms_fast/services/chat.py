@@ -19,14 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Config
-from ..engine.scheduler import (
-    Engine,
-    Finish,
-    FinishReason,
-    Generation,
-    GenerationRequest,
-    SamplingParams,
-)
+from ..engine.scheduler import Engine, Finish, Generation, GenerationRequest, SamplingParams
+from ..engine.types import FinishReason
 from ..errors import BadRequest, Conflict, LollmsError, NotFound
 from ..parsing import parse_id
 from ..personalities.model import Personality
@@ -131,6 +125,7 @@ class ChatService:
         self.engines = engines
         self.checkpoint_interval = checkpoint_interval
         self.active: set[Generation] = set()
+        self.failed_to_start = 0  # answers refused before reaching the engine (metrics)
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -237,6 +232,7 @@ class _Answer:
         self.discussion_id = session.discussion_id
         self.user_message_id: int | None = None
         self.ai_message_id: int | None = None
+        self.submitted = False  # handed to the engine
 
     @property
     def ids(self) -> dict[str, Any]:
@@ -275,6 +271,7 @@ class _Answer:
             built = await asyncio.to_thread(self.build, engine, target, config, params)
             generation = engine.submit(GenerationRequest(built.tokens, params,
                                                          anti_prompts(personality)))
+            self.submitted = True
         except LollmsError as exc:  # bad input, busy engine: nothing was written
             await self.fail(exc)
             return
@@ -364,6 +361,8 @@ class _Answer:
     async def fail(self, exc: BaseException | None, status: str = "error",
                    text: str | None = None) -> None:
         """The answer could not start: `infos` with the reason, then an empty `final`."""
+        if not self.submitted:  # the engine counts what reached it
+            self.chat.failed_to_start += 1
         if text is None:
             text = (exc.message if isinstance(exc, LollmsError)
                     else f"internal error: {type(exc).__name__}")
