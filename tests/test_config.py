@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -111,7 +116,7 @@ def test_updated_is_all_or_nothing(tmp_path: Path) -> None:
     assert reload_keys(cfg, cfg.updated({"ctx_size": 4096})) == ["ctx_size"]
 
 
-def test_save_keeps_unknown_keys_and_is_atomic(tmp_path: Path) -> None:
+def test_save_keeps_unknown_keys_and_leaves_no_temp_file(tmp_path: Path) -> None:
     path = tmp_path / "local_config.yaml"
     path.write_text("my_plugin_setting: 42\ntop_k: 12\n", encoding="utf-8")
     cfg = load_config({"data_dir": str(tmp_path)}, environ={})
@@ -126,6 +131,63 @@ def test_save_keeps_unknown_keys_and_is_atomic(tmp_path: Path) -> None:
     # and it reads back to the same effective settings
     again = load_config({"data_dir": str(tmp_path)}, environ={})
     assert again.to_dict() == cfg.updated({"temperature": 0.3}).to_dict()
+
+
+class _DiskFullHalfway:
+    """A file whose write stores the first half of the text, then fails (disk full)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def write(self, data: Any) -> int:
+        self._real.write(data[: len(data) // 2])
+        self._real.flush()
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __enter__(self) -> _DiskFullHalfway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._real.close()
+
+
+def test_a_save_that_fails_midway_leaves_the_old_file_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"Atomic": whatever the writer does, a crash in the middle of writing (here the disk
+    fills up after half the text) leaves readers the old, complete file, and no debris."""
+    path = tmp_path / "local_config.yaml"
+    old_text = "my_plugin_setting: 42\ntop_k: 12\n" + "".join(
+        f"plugin_key_{i}: {'v' * 40}\n" for i in range(200))  # big enough to cut in half
+    path.write_text(old_text, encoding="utf-8")
+    cfg = load_config({"data_dir": str(tmp_path)}, environ={})
+    changed = cfg.updated({"temperature": 0.3, "top_k": 7})
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def failing_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(file, mode, *args, **kwargs)
+        return _DiskFullHalfway(f) if any(m in mode for m in "wax+") else f
+
+    def failing_fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        return _DiskFullHalfway(f) if any(m in mode for m in "wax+") else f
+
+    with monkeypatch.context() as patch:  # every way Python opens a file for writing
+        patch.setattr(builtins, "open", failing_open)
+        patch.setattr(io, "open", failing_open)
+        patch.setattr(os, "fdopen", failing_fdopen)
+        with pytest.raises(OSError):
+            changed.save()
+    assert path.read_text(encoding="utf-8") == old_text  # the old file, every byte of it
+    assert [p.name for p in tmp_path.iterdir()] == ["local_config.yaml"]
+    again = load_config({"data_dir": str(tmp_path)}, environ={})
+    assert again.top_k == 12 and again.extra["plugin_key_199"] == "v" * 40
+    # and once the disk has room again, the save goes through
+    changed.save()
+    assert yaml.safe_load(path.read_text(encoding="utf-8"))["top_k"] == 7
 
 
 def test_secret_is_masked(tmp_path: Path) -> None:

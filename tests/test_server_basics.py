@@ -45,8 +45,14 @@ async def test_wrong_method_is_json_405(bare_client: TestClient) -> None:
 
 
 async def test_oversize_body_is_413(bare_client: TestClient) -> None:
-    resp = await bare_client.post("/get_config", data=b"x" * 10000)
-    assert resp.status in (405, 413)  # refused either way, never read into memory whole
+    """A JSON body over max_body_size (4096 here) sent to a route that reads one is a 413
+    (not the 405 of a GET-only route, which never looks at the body)."""
+    body = b'{"id": 1, "padding": "' + b"x" * 10000 + b'"}'
+    resp = await bare_client.post("/load_discussion", data=body,
+                                  headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    err = await resp.json()
+    assert err["status"] is False and err["error"]
 
 
 async def test_api_key_required_when_set(aiohttp_client: ClientFactory,
