@@ -159,7 +159,7 @@ async def test_personality_choice_keeps_the_three_keys_consistent(rest_client: T
 
 async def test_set_personality_language_and_category(rest_client: TestClient) -> None:
     resp = await rest_client.get("/set_personality_language", params={"language": "french"})
-    assert resp.status == 200 and await resp.json() == {"status": True}
+    assert resp.status == 200 and (await resp.json())["status"] is True
     assert config_of(rest_client).personality_language == "french"
     bad = await rest_client.get("/set_personality_category", params={"category": "coding"})
     assert bad.status == 404  # no such category in french
@@ -237,10 +237,12 @@ async def test_set_binding_and_model_validation(rest_client: TestClient) -> None
 
 async def test_apply_settings_without_engine(rest_client: TestClient) -> None:
     assert await post_json(rest_client, "/apply_settings", None) == {
-        "status": "succeeded", "errors": []}
+        "status": "succeeded", "binding_status": True, "model_status": True,
+        "personality_status": True, "errors": []}  # the 2023 settings page's shape
     await update(rest_client, "ctx_size", 512)  # pending: there is no engine to reload
     reply = await post_json(rest_client, "/apply_settings", None)
     assert reply["status"] == "failed" and "ctx_size" in reply["errors"][0]
+    assert reply["model_status"] is False and reply["binding_status"] is True
 
 
 async def test_engine_reloads_only_for_engine_settings(
@@ -255,8 +257,8 @@ async def test_engine_reloads_only_for_engine_settings(
     assert [c.ctx_size for c in loader.loaded] == [1024, 512, 512]
     assert loader.loaded[-1].n_threads == 1
     assert await closed_count(loader, 2) == 2  # old engines closed
-    assert await post_json(client, "/apply_settings", None) == {"status": "succeeded",
-                                                                "errors": []}
+    applied = await post_json(client, "/apply_settings", None)
+    assert applied["status"] == "succeeded" and applied["errors"] == []
     assert client.server.app[ENGINE_CONTROL].reloads == 2
 
 
@@ -352,3 +354,30 @@ async def test_ctx_size_past_the_models_training_context_is_refused(
     assert reply["status"] is False and "training context" in reply["error"]
     assert config_of(client) == before
     assert client.server.app[ENGINE_CONTROL].current is engine
+
+
+async def test_set_personality_chooses_all_three(rest_client: TestClient) -> None:
+    """GET /set_personality (2023, from 05-23): language, category and folder at once,
+    each checked against the folders on disk."""
+    resp = await rest_client.get("/set_personality", params={
+        "language": "french", "category": "general", "name": "assistant"})
+    body = await resp.json()
+    assert resp.status == 200 and body == {"status": "succeeded"}, body
+    c = config_of(rest_client)
+    assert (c.personality_language, c.personality_category, c.personality) == (
+        "french", "general", "assistant")
+    before = config_of(rest_client)
+    for params in ({"language": "french", "category": "general", "name": "../../etc"},
+                   {"language": "klingon", "category": "general", "name": "assistant"},
+                   {"language": "french"}):
+        resp = await rest_client.get("/set_personality", params=params)
+        assert 400 <= resp.status < 500, params
+        assert config_of(rest_client) == before
+
+
+async def test_seed_era_aliases(rest_client: TestClient) -> None:
+    assert await (await rest_client.get("/list_backends")).json() == ["llama_cpp"]
+    assert await post_json(rest_client, "/set_backend", {"backend": "llama_cpp"}) == {
+        "status": "succeeded"}
+    resp = await rest_client.get("/set_personality_language", params={"language": "english"})
+    assert await resp.json() == {"status": True, "success": True}

@@ -14,6 +14,9 @@ from .security import changes_state
 
 routes = web.RouteTableDef()
 
+# `status` is the SPEC's field; seed-era scripts read `success`
+CHOSEN = {"status": True, "success": True}
+
 
 @routes.get("/get_config")
 async def get_config(request: web.Request) -> web.Response:
@@ -42,7 +45,7 @@ async def apply_settings(request: web.Request) -> web.Response:
 async def set_personality_language(request: web.Request) -> web.Response:
     language = query_str(request, "language")
     await request.app[SETTINGS].change({"personality_language": language})
-    return json_response({"status": True})
+    return json_response(CHOSEN)
 
 
 @routes.get("/set_personality_category")
@@ -50,12 +53,30 @@ async def set_personality_language(request: web.Request) -> web.Response:
 async def set_personality_category(request: web.Request) -> web.Response:
     category = query_str(request, "category")
     await request.app[SETTINGS].change({"personality_category": category})
-    return json_response({"status": True})
+    return json_response(CHOSEN)
+
+
+@routes.get("/set_personality")
+@changes_state
+async def set_personality(request: web.Request) -> web.Response:
+    """The 2023 route (from 05-23) choosing language, category and personality at once; each
+    is checked against the personality folders (never used to build a path)."""
+    raw = {key: query_str(request, param) for key, param in (
+        ("personality_language", "language"), ("personality_category", "category"),
+        ("personality", "name"))}
+    return json_response(await request.app[SETTINGS].change(raw))
 
 
 @routes.post("/set_binding")
 async def set_binding(request: web.Request) -> web.Response:
     binding = require_field(await read_json_object(request), "binding", str)
+    return json_response(await request.app[SETTINGS].change({"binding": binding}))
+
+
+@routes.post("/set_backend")
+async def set_backend(request: web.Request) -> web.Response:
+    """The seed era's name of /set_binding (`{"backend"}`)."""
+    binding = require_field(await read_json_object(request), "backend", str)
     return json_response(await request.app[SETTINGS].change({"binding": binding}))
 
 

@@ -180,10 +180,16 @@ class SettingsService:
     async def apply_pending(self) -> Reply:
         """`apply_settings`: reload the engine for engine-level changes not yet applied."""
         errors: list[str] = []
+        pending: list[str] = []
         if self.engine is not None:
             async with self._apply_lock:
+                pending = self.engine.pending(self._config)
                 errors = await self.engine.apply(self._config)
-        return {"status": "failed" if errors else "succeeded", "errors": errors}
+        failed = set(pending) if errors else set()
+        # the per-part booleans the 2023 settings page received
+        return {"status": "failed" if errors else "succeeded",
+                "binding_status": "binding" not in failed,
+                "model_status": not failed, "personality_status": True, "errors": errors}
 
     async def reset(self) -> Reply:
         """`reset_settings`: every setting back to what this process would start with
