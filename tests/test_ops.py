@@ -157,3 +157,27 @@ async def test_metrics_on_the_real_model(aiohttp_server: Factory,
         assert value(got, "lollms_time_to_first_token_seconds_sum") > 0
     finally:
         await b.close()
+
+
+async def test_access_log_is_off_by_default_and_never_logs_secrets(
+        aiohttp_client: Any, make_config: Callable[..., Config],
+        caplog: pytest.LogCaptureFixture) -> None:
+    quiet = await aiohttp_client(build_app(make_config(), backend_factory=None))
+    with caplog.at_level("INFO", logger="lollms_fast.access"):
+        await quiet.get("/list_discussions")
+    assert not [r for r in caplog.records if r.name == "lollms_fast.access"]
+
+    client = await aiohttp_client(build_app(make_config(access_log=True, api_key="s3cret"),
+                                            backend_factory=None))
+    with caplog.at_level("INFO", logger="lollms_fast.access"):
+        await client.get("/update_message", params={"id": 1, "message": "private text"},
+                         headers={"X-API-Key": "s3cret"})
+        await client.post("/edit_title", json={"id": 1, "title": "private title"},
+                          headers={"Authorization": "Bearer s3cret"})
+        await client.get("/nowhere")
+    lines = [r.getMessage() for r in caplog.records if r.name == "lollms_fast.access"]
+    assert len(lines) == 3
+    assert "GET /update_message" in lines[0] and "POST /edit_title 404" in lines[1]
+    assert " 404 " in lines[2]
+    text = "\n".join(lines)
+    assert "s3cret" not in text and "private" not in text

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the API key from this file (its first line)")
     serve.add_argument("--debug", action="store_const", const=True, default=None,
                        help="debug logging, one line per request")
+    serve.add_argument("--access-log", dest="access_log", action="store_const", const=True,
+                       default=None, help="log one line per request (never keys or bodies)")
 
     models = sub.add_parser("models", help="list the models available to the server",
                             description="List GGUF files in the models folder.")

@@ -131,6 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ui_dir", str, "", "Serve the web UI from this folder instead of the built-in one."),
     Setting("allow_private_downloads", bool, False,
             "Let install_model download from loopback and private-network addresses."),
+    Setting("access_log", bool, False,
+            "Log one line per HTTP request (client, method, path, status, time; never query "
+            "strings, keys or bodies)."),
     Setting("ssl_certfile", str, "", "TLS certificate (PEM) to serve HTTPS with."),
     Setting("ssl_keyfile", str, "", "TLS private key (PEM) of ssl_certfile."),
 )
@@ -203,6 +206,7 @@ class Config:
     durable: bool = _default("durable")
     ui_dir: str = _default("ui_dir")
     allow_private_downloads: bool = _default("allow_private_downloads")
+    access_log: bool = _default("access_log")
     ssl_certfile: str = _default("ssl_certfile")
     ssl_keyfile: str = _default("ssl_keyfile")
     extra: dict[str, Any] = field(default_factory=dict)

@@ -80,9 +80,16 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
     return await handler(request)
 
 
+access_log = logging.getLogger("lollms_fast.access")
+
+
 @web.middleware
 async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not log.isEnabledFor(logging.DEBUG):
+    """One line per request with `access_log` (or debug logging): client, method, path,
+    status, time. Never the query string (it may carry message text), headers (keys) or
+    bodies."""
+    config = request.app[SETTINGS].config
+    if not (config.access_log or log.isEnabledFor(logging.DEBUG)):
         return await handler(request)
     start = time.perf_counter()
     status = 500
@@ -90,7 +97,9 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         response = await handler(request)
         status = response.status
         return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
     finally:
-        # path only: query strings may carry message text or keys
-        log.debug("%s %s %d %.1fms", request.method, request.path, status,
-                  (time.perf_counter() - start) * 1000)
+        access_log.info("%s %s %s %d %.1fms", request.remote or "-", request.method,
+                        request.path, status, (time.perf_counter() - start) * 1000)
