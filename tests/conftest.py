@@ -66,3 +66,34 @@ async def rest_client(aiohttp_client: Any, make_config: Callable[..., Config]) -
 async def other_client(aiohttp_client: Any, rest_client: Any) -> Any:
     """A second client (its own cookie jar) of the same server."""
     return await aiohttp_client(rest_client.server)
+
+
+# ---------------------------------------------------------------- headless Chromium
+
+
+@pytest.fixture(scope="session")
+def chromium_binaries() -> tuple[str, str]:
+    from browserkit import find_chromium
+
+    return find_chromium()
+
+
+@pytest.fixture
+def browser(chromium_binaries: tuple[str, str]) -> Any:
+    """A headless Chromium (selenium WebDriver), quit after the test."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium_binaries
+    options = Options()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()

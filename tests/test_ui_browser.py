@@ -1,27 +1,18 @@
 """The built-in web UI driven in headless Chromium (Selenium + Debian's chromedriver) against
 a real `lollms-fast serve` process on the real default model.
 
-Chromium comes from Debian's packages: the `chromium_binaries` fixture installs `chromium`
-and `chromium-driver` with apt-get when they are missing and the tests run as root (CI);
-elsewhere install them once by hand (`sudo apt-get install chromium chromium-driver`).
-The screenshot of the chat is written to `.cache/screenshots/chat.png`.
+Chromium comes from Debian's packages (see tests/browserkit.py and the `browser` fixture in
+conftest.py). The screenshot of the chat is written to `.cache/screenshots/chat.png`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from chatkit import free_port
+from browserkit import get_json, post_json, serve, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
@@ -34,47 +25,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOTS = REPO / ".cache" / "screenshots"
-APT_PACKAGES = ["chromium", "chromium-driver"]
-
-
-def _find_binaries() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-def _apt_install() -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
-
-
-@pytest.fixture(scope="session")
-def chromium_binaries() -> tuple[str, str]:
-    found = _find_binaries()
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        _apt_install()
-        found = _find_binaries()
-    if found is None:
-        message = ("headless Chromium is needed: sudo apt-get install chromium chromium-driver")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
-def _post_json(url: str, body: Any) -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.fixture
@@ -84,61 +34,8 @@ def live_server(tmp_path: Path, default_model_path: Path) -> Iterator[str]:
     data.mkdir()
     (data / "local_config.yaml").write_text(
         "override_personality_model_parameters: true\ntemperature: 0.0\nn_predict: 160\n")
-    port = free_port()
-    cmd = [sys.executable, "-m", "lollms_fast", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--data-dir", str(data), "--model", str(default_model_path),
-           "--n-threads", "2", "--parallel", "2", "--ctx-size", "1024"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get_json(base + "/get_config")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("server did not start: " + (proc.stderr.read()
-                                                                   if proc.stderr else ""))
-                time.sleep(0.2)
+    with serve(data, default_model_path) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@pytest.fixture
-def browser(chromium_binaries: tuple[str, str]) -> Iterator[WebDriver]:
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = chromium_binaries
-    options = Options()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--disable-gpu", "--window-size=1200,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_script_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "condition"
-             ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except Exception:  # the DOM changes under us while it re-renders
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def discussions(driver: WebDriver) -> list[WebElement]:
@@ -226,7 +123,7 @@ def test_chat_in_a_real_browser(live_server: str, browser: WebDriver) -> None:
     stopped = ai_bodies(d)[-1].text.strip()
     assert stopped
     discussion_id = int(discussions(d)[0].get_attribute("data-id"))
-    rows = _post_json(live_server + "/load_discussion", {"id": discussion_id})
+    rows = post_json(live_server + "/load_discussion", {"id": discussion_id})
     saved = rows[-1]["content"]
     assert rows[-1]["sender"] == "lollms" and saved.strip()
     assert len(saved.split()) < 150  # cut short of the 160-token limit by the stop
@@ -236,12 +133,12 @@ def test_chat_in_a_real_browser(live_server: str, browser: WebDriver) -> None:
     rename.click()
     accept_dialog(d, "Renamed in Chromium")
     wait_for(lambda: "Renamed in Chromium" in discussions(d)[0].text, 10, "the new title")
-    assert {"id": discussion_id, "title": "Renamed in Chromium"} in _get_json(
+    assert {"id": discussion_id, "title": "Renamed in Chromium"} in get_json(
         live_server + "/list_discussions")
     discussions(d)[0].find_element(By.CSS_SELECTOR, "button[title='Delete']").click()
     accept_dialog(d)
     wait_for(lambda: discussions(d) == [], 10, "the discussion to disappear")
-    assert _get_json(live_server + "/list_discussions") == []
+    assert get_json(live_server + "/list_discussions") == []
 
 
 def test_phone_sized_screen_and_settings(live_server: str, browser: WebDriver) -> None:
@@ -259,7 +156,7 @@ def test_phone_sized_screen_and_settings(live_server: str, browser: WebDriver) -
     temperature.clear()
     temperature.send_keys("0.25")
     d.find_element(By.ID, "save-settings").click()
-    wait_for(lambda: _get_json(live_server + "/get_config")["temperature"] == 0.25, 20,
+    wait_for(lambda: get_json(live_server + "/get_config")["temperature"] == 0.25, 20,
              "the saved temperature")
     # the discussions menu opens from the ☰ button on a narrow screen
     d.find_element(By.ID, "menu").click()
