@@ -53,6 +53,8 @@ class ScriptedBackend:
         self.calls: list[list[tuple[int, int, int, bool]]] = []
         self.kv: dict[int, list[int]] = {}  # seq_id -> tokens at positions 0..
         self.closed = False
+        self.states_saved = 0
+        self.states_restored = 0
         self._rows: dict[int, int] = {}  # batch index -> next token, for the last decode
 
     # token ids of the script, for assertions
@@ -102,6 +104,19 @@ class ScriptedBackend:
         start = max(p0, 0)
         end = len(toks) if p1 < 0 else p1
         del toks[start:end]
+        return True
+
+    def state_get(self, seq_id: int) -> bytearray:
+        """A sequence's "KV state": its tokens, as the KV tiers store states."""
+        self.states_saved += 1
+        return bytearray(np.asarray(self.kv.get(seq_id, []), dtype="<i4").tobytes())
+
+    def state_set(self, seq_id: int, data: bytearray) -> bool:
+        self.states_restored += 1
+        if len(data) % 4:
+            self.kv[seq_id] = []
+            return False
+        self.kv[seq_id] = [int(t) for t in np.frombuffer(bytes(data), dtype="<i4")]
         return True
 
     def is_eog(self, token: int) -> bool:

@@ -107,6 +107,12 @@ SETTINGS: tuple[Setting, ...] = (
             lo=1, hi=256, reload=True),
     Setting("n_batch", int, 512, "Maximum tokens decoded in one llama_decode call.",
             lo=8, hi=65536, reload=True),
+    Setting("kv_cache_ram_mb", int, 1024,
+            "Host RAM for KV states of sequences evicted from their slot (0 = off).",
+            lo=0, hi=1 << 24, reload=True),
+    Setting("kv_cache_disk_mb", int, 4096,
+            "Disk space under <data_dir>/kv_cache for KV states, kept across restarts "
+            "(0 = off).", lo=0, hi=1 << 30, reload=True),
     Setting("queue_size", int, 64,
             "Requests allowed to wait for a free slot; more get a 'busy' error.", lo=0, hi=100000),
     Setting("api_key", str, "",
@@ -195,6 +201,8 @@ class Config:
     data_dir: str = _default("data_dir")
     parallel: int = _default("parallel")
     n_batch: int = _default("n_batch")
+    kv_cache_ram_mb: int = _default("kv_cache_ram_mb")
+    kv_cache_disk_mb: int = _default("kv_cache_disk_mb")
     queue_size: int = _default("queue_size")
     api_key: str = _default("api_key")
     allowed_origins: str = _default("allowed_origins")

@@ -8,6 +8,7 @@ progress bar on stderr), its sha256 verified, and moved into place atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -81,6 +82,34 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_sha256(path: Path, memo: Path) -> str:
+    """The sha256 of a model file, remembered in the JSON file `memo` by (path, size, mtime):
+    hashing gigabytes at every start would be slow, and the KV tiers need it to tell models
+    apart."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    digest = known.get(key)
+    if isinstance(digest, str) and len(digest) == 64:
+        return digest
+    digest = sha256_file(path)
+    known[key] = digest
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha.", dir=memo.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(known, f)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # only a memo: the next start hashes again
+    return digest
 
 
 def assemble_default_model(target: Path, progress: Progress | None = None) -> Path:

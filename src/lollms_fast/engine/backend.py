@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as C
@@ -92,6 +93,10 @@ class Backend:
         # sliding-window models (Gemma 3) keep the full cache so a prefix can be reused
         cparams.swa_full = True
         cparams.no_perf = True
+        # what a saved sequence state depends on besides the model file (KV tiers check it)
+        self.state_format = {"llama_cpp": str(llama_cpp.__version__), "swa_full": True,
+                             "type_k": int(cparams.type_k), "type_v": int(cparams.type_v),
+                             "n_ctx_slot": per_slot, "kv_unified": True}
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
             C.llama_model_free(model)
@@ -169,6 +174,33 @@ class Backend:
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         C.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    # ------------------------------------------------------------------ sequence states
+
+    def state_get(self, seq_id: int) -> bytearray:
+        """A copy of one sequence's KV state (llama_state_seq_get_data), for the KV tiers."""
+        size = int(C.llama_state_seq_get_size(self.ctx, seq_id))
+        data = bytearray(size)
+        if size:
+            view = (ctypes.c_ubyte * size).from_buffer(data)
+            written = int(C.llama_state_seq_get_data(self.ctx, view, size, seq_id))
+            del view  # release the export of `data` so it can be resized below
+            if written != size:
+                data = data[:written]
+        return data
+
+    def state_set(self, seq_id: int, data: bytearray) -> bool:
+        """Restore a state saved by state_get into `seq_id` (cleared first); False if
+        llama.cpp refuses it (then the sequence is left empty)."""
+        C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        if not data:
+            return False
+        view = (ctypes.c_ubyte * len(data)).from_buffer(data)
+        read = int(C.llama_state_seq_set_data(self.ctx, view, len(data), seq_id))
+        if read == 0:
+            C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            return False
+        return True
 
     def is_eog(self, token: int) -> bool:
         known = self._eog.get(token)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from ..config import DEFAULT_MODEL_FILE, Config
-from ..modelfiles import resolve_model
+from ..errors import ModelLoadError
+from ..modelfiles import model_sha256, resolve_model
 from .backend import Backend, BackendParams
+from .kvcache import KVCache
 from .scheduler import Engine
+
+MB = 1024 * 1024
 
 
 def backend_params(config: Config) -> BackendParams:
@@ -20,9 +24,26 @@ def backend_params(config: Config) -> BackendParams:
     )
 
 
+def kv_cache_for(config: Config, backend: Backend) -> KVCache | None:
+    """The RAM and disk tiers of `config` (None when both budgets are 0). Stored states are
+    tagged with the model's sha256 and the context's state format."""
+    ram, disk = config.kv_cache_ram_mb * MB, config.kv_cache_disk_mb * MB
+    if not ram and not disk:
+        return None
+    directory = config.data_path / "kv_cache"
+    digest = model_sha256(backend.params.model_path, directory / "model-sha256.json")
+    return KVCache(directory if disk else None, ram_budget=ram, disk_budget=disk,
+                   meta={"model_sha256": digest, **backend.state_format})
+
+
 def load_engine(config: Config) -> Engine:
     backend = Backend(backend_params(config))
+    try:
+        kv_cache = kv_cache_for(config, backend)
+    except OSError as exc:
+        backend.close()
+        raise ModelLoadError(f"cannot prepare the KV cache folder: {exc}") from None
     engine = Engine(backend, parallel=config.parallel, n_ctx_slot=config.ctx_size,
-                    n_batch=config.n_batch, queue_size=config.queue_size)
+                    n_batch=config.n_batch, queue_size=config.queue_size, kv_cache=kv_cache)
     engine.start()
     return engine

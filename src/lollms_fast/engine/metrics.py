@@ -62,6 +62,9 @@ class EngineMetrics:
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.inter_token = Histogram(INTER_TOKEN_BUCKETS)
         self.request_duration = Histogram(DURATION_BUCKETS)
+        # admissions by where their prompt's prefix came from: a slot's own cache, the RAM
+        # or disk tier, or nowhere (miss)
+        self.kv_lookups = dict.fromkeys(("slot", "ram", "disk", "miss"), 0)
 
     def admitted(self, n_prompt: int, n_reused: int) -> None:
         with self._lock:
@@ -77,9 +80,14 @@ class EngineMetrics:
             self.finished[reason] += 1
         self.request_duration.observe(duration)
 
+    def kv_lookup(self, tier: str) -> None:
+        with self._lock:
+            self.kv_lookups[tier] += 1
+
     def counters(self) -> dict[str, int]:
         with self._lock:
             return {"prompt_tokens": self.prompt_tokens,
                     "prompt_tokens_reused": self.prompt_tokens_reused,
                     "generated_tokens": self.generated_tokens,
+                    **{f"kv_{tier}": n for tier, n in self.kv_lookups.items()},
                     **{f"finished_{r.value}": n for r, n in self.finished.items()}}

@@ -23,14 +23,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from .._native import sampling, stops
 from ..errors import BadRequest, Busy, ModelNotReady
-from .batch import Batch, ModelBackend
+from . import kvcache
+from .batch import Batch, ModelBackend, StatefulBackend
+from .kvcache import KVCache
 from .metrics import EngineMetrics
 from .types import FinishReason
 
@@ -64,6 +66,10 @@ class Finish:
     n_reused: int  # prompt tokens taken from the slot's cached prefix (not decoded)
     n_generated: int  # tokens sampled
     text: str  # the whole answer, anti-prompt cut off
+
+
+# a stored prefix is restored when it saves at least this many tokens over the slot's own
+RESTORE_GAIN = 32
 
 
 class TokenSampler(Protocol):
@@ -187,7 +193,8 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 class Engine:
     def __init__(self, backend: ModelBackend, *, parallel: int, n_ctx_slot: int, n_batch: int,
                  queue_size: int, sampler_factory: SamplerFactory = default_sampler,
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None, kv_cache: KVCache | None = None
+                 ) -> None:
         if parallel < 1 or n_batch < 1 or n_ctx_slot < 2:
             raise ValueError("parallel, n_batch >= 1 and n_ctx_slot >= 2 are required")
         self.backend = backend
@@ -211,6 +218,9 @@ class Engine:
                         "requests": 0, "errors": 0}
         # for /metrics; an app shares one across reloads (set before the engine serves)
         self.metrics = metrics or EngineMetrics()
+        # RAM and disk tiers behind the slots (None: a slot's cache dies with it); the
+        # backend must then implement StatefulBackend
+        self.kv_cache = kv_cache
 
     # ------------------------------------------------------------------ any thread
 
@@ -228,6 +238,8 @@ class Engine:
             self._thread.join()
         else:
             self._shutdown()
+        if self.kv_cache is not None:
+            self.kv_cache.close()  # waits for the files being written
         self.backend.close()
 
     def submit(self, request: GenerationRequest) -> Generation:
@@ -328,6 +340,8 @@ class Engine:
             slot = self._pick_slot(tokens)
             # at least the last prompt token is decoded: its logits give the first answer token
             reuse = min(common_prefix_len(slot.cached, tokens), len(tokens) - 1)
+            if self.kv_cache is not None:
+                reuse = self._use_tiers(slot, tokens, reuse)
             if reuse < len(slot.cached) and not self.backend.seq_rm(slot.seq_id, reuse, -1):
                 self._reset_kv(slot)  # this cache cannot be cut at a position
                 reuse = 0
@@ -348,6 +362,38 @@ class Engine:
             self._totals["prompt_reused"] += reuse
             self._totals["requests"] += 1
             self.metrics.admitted(len(tokens), reuse)
+
+    def _use_tiers(self, slot: _Slot, tokens: Sequence[int], reuse: int) -> int:
+        """Restore the longest stored prefix of `tokens` into `slot` if it beats the slot's
+        own cache, saving what the slot held first; otherwise save the part of the slot's
+        cache about to be cut. Returns the number of prompt tokens now in the slot."""
+        kv = self.kv_cache
+        assert kv is not None
+        backend = cast(StatefulBackend, self.backend)
+        hit = kv.lookup(tokens)
+        if hit is not None and min(hit.length, len(tokens) - 1) - reuse >= RESTORE_GAIN:
+            data = kv.load(hit)
+            if data is not None:
+                self._save_slot(slot, 0)
+                if backend.state_set(slot.seq_id, data):
+                    slot.cached = list(hit.entry.tokens)
+                    self.metrics.kv_lookup(hit.tier)
+                    return min(hit.length, len(tokens) - 1)
+                log.warning("llama.cpp refused a stored state of %d tokens", hit.length)
+                slot.cached.clear()  # state_set left the sequence empty
+                self.metrics.kv_lookup("miss")
+                return 0
+        self._save_slot(slot, reuse)
+        self.metrics.kv_lookup("slot" if reuse >= kvcache.MIN_TOKENS else "miss")
+        return reuse
+
+    def _save_slot(self, slot: _Slot, keep: int) -> None:
+        """Put the slot's sequence into the tiers if more than a little of it is about to be
+        dropped (only its first `keep` tokens stay)."""
+        if self.kv_cache is None or len(slot.cached) - keep < kvcache.MIN_TOKENS:
+            return
+        state = cast(StatefulBackend, self.backend).state_get(slot.seq_id)
+        self.kv_cache.put(slot.cached, state)
 
     def _pick_slot(self, tokens: Sequence[int]) -> _Slot:
         """The idle slot sharing the longest prefix with `tokens`, among those whose cache
@@ -515,10 +561,17 @@ class Engine:
                 pass
 
     def _shutdown(self) -> None:
-        """Cancel every request, running or waiting (on the engine thread, or in `close`)."""
+        """Cancel every request, running or waiting (on the engine thread, or in `close`),
+        and hand the slots' sequences to the KV tiers (a restart continues them)."""
         for slot in self._slots:
             if slot.gen is not None:
                 self._end(slot, FinishReason.CANCELLED)
+        if self.kv_cache is not None:
+            for slot in self._slots:
+                try:
+                    self._save_slot(slot, 0)
+                except Exception:  # saving is a convenience: never block the shutdown
+                    log.exception("could not save slot %d to the KV cache", slot.seq_id)
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()

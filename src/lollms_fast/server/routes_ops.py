@@ -102,8 +102,25 @@ class LollmsCollector(Collector):
                                   value=counts["prompt_tokens_reused"])
         yield CounterMetricFamily("lollms_generated_tokens", "Tokens generated",
                                   value=counts["generated_tokens"])
+        lookups = CounterMetricFamily(
+            "lollms_kv_cache_lookups",
+            "Admissions by where their prompt prefix came from (slot, ram, disk, miss)",
+            labels=["tier"])
+        for tier in ("slot", "ram", "disk", "miss"):
+            lookups.add_metric([tier], counts[f"kv_{tier}"])
+        yield lookups
         engine = self.app[ENGINE_CONTROL].current
         stats = engine.stats() if engine is not None else {}
+        tiers = engine.kv_cache.sizes() if engine is not None and engine.kv_cache else {}
+        size = GaugeMetricFamily("lollms_kv_cache_bytes", "Bytes of KV states held by tier",
+                                 labels=["tier"])
+        entries = GaugeMetricFamily("lollms_kv_cache_entries",
+                                    "Stored sequence states by tier", labels=["tier"])
+        for tier in ("ram", "disk"):
+            size.add_metric([tier], tiers.get(f"{tier}_bytes", 0))
+            entries.add_metric([tier], tiers.get(f"{tier}_entries", 0))
+        yield size
+        yield entries
         slots = GaugeMetricFamily("lollms_slots", "Generation slots by state",
                                   labels=["state"])
         total = stats.get("slots", 0)
