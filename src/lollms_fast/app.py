@@ -30,6 +30,7 @@ from .server.keys import (
     DISCUSSIONS,
     ENGINE_CONTROL,
     ENGINE_METRICS,
+    MODELS,
     PERSONALITIES,
     SESSIONS,
     SETTINGS,
@@ -40,6 +41,7 @@ from .server.sockets import create_socketio
 from .services.chat import ChatService
 from .services.discussions import DiscussionService
 from .services.engine_control import EngineControl
+from .services.models import ModelService
 from .services.personalities import PersonalityService
 from .services.sessions import SessionStore
 from .services.settings import SettingsService
@@ -112,6 +114,8 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app[DISCUSSIONS] = discussions
     chat = ChatService(store, discussions, personalities, settings, engine)
     app[CHAT] = chat
+    models = ModelService(settings, engine)
+    app[MODELS] = models
 
     sio = create_socketio(config, app)
     sio.attach(app)
@@ -137,7 +141,11 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     async def close_sockets(_app: web.Application) -> None:
         await sio.shutdown()
 
+    async def stop_downloads(_app: web.Application) -> None:
+        await models.shutdown()  # running installs stop and remove their partial files
+
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(engine_ctx)
+    app.on_shutdown.append(stop_downloads)
     app.on_shutdown.append(close_sockets)
     return app

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..services.chat import ChatService
     from ..services.discussions import DiscussionService
     from ..services.engine_control import EngineControl
+    from ..services.models import ModelService
     from ..services.personalities import PersonalityService
     from ..services.sessions import SessionStore
     from ..services.settings import SettingsService
@@ -26,4 +27,5 @@ DISCUSSIONS: web.AppKey[DiscussionService] = web.AppKey("discussions")
 PERSONALITIES: web.AppKey[PersonalityService] = web.AppKey("personalities")
 CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 ENGINE_CONTROL: web.AppKey[EngineControl[Engine]] = web.AppKey("engine_control")
+MODELS: web.AppKey[ModelService] = web.AppKey("models")
 ENGINE_METRICS: web.AppKey[EngineMetrics] = web.AppKey("engine_metrics")

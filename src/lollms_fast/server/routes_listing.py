@@ -1,5 +1,5 @@
-"""Listing routes (SPEC section 1): bindings, models, personalities, languages, discussions,
-disk usage, generation status."""
+"""Listing routes (SPEC section 1): bindings, models, the model zoo, personalities, languages,
+discussions, disk usage, generation status."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from aiohttp import web
 from ..config import SETTINGS_BY_NAME
 from ..errors import NotFound
 from ..modelfiles import list_models
-from .keys import DISCUSSIONS, PERSONALITIES, SETTINGS
+from .keys import DISCUSSIONS, MODELS, PERSONALITIES, SETTINGS
 from .requests import query_str
 from .responses import json_bytes_response, json_response
 from .session import client_session
@@ -41,6 +41,11 @@ async def list_bindings(request: web.Request) -> web.Response:
 async def list_models_route(request: web.Request) -> web.Response:
     models_dir = request.app[SETTINGS].config.models_dir
     return json_response(await asyncio.to_thread(list_models, models_dir))
+
+
+@routes.get("/get_available_models")
+async def get_available_models(request: web.Request) -> web.Response:
+    return json_response(await request.app[MODELS].available())
 
 
 @routes.get("/list_personalities_languages")

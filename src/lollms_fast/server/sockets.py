@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..services.sessions import ClientSession
-from .keys import CHAT, SESSIONS, SETTINGS
+from .keys import CHAT, MODELS, SESSIONS, SETTINGS
 from .middlewares import key_matches, presented_key
 from .session import client_session
 
@@ -134,6 +134,7 @@ def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServe
         if conn is not None:
             for generation in list(conn.generations):
                 generation.cancel()  # the chat service saves the partial answer
+        app[MODELS].cancel_owner(sid)  # its downloads stop and leave nothing behind
         log.debug("socket disconnected %s", sid)
 
     def emitter(sid: str) -> Any:
@@ -198,5 +199,18 @@ def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServe
     async def save_settings(sid: str, *args: Any) -> None:
         reply = await app[SETTINGS].save_reply()
         await sio.emit("save_settings", reply, to=sid)
+
+    def progress_to(sid: str) -> Any:
+        async def report(payload: dict[str, Any]) -> None:
+            await sio.emit("install_progress", payload, to=sid)
+        return report
+
+    @sio.event
+    async def install_model(sid: str, data: Any = None) -> None:
+        await app[MODELS].install(data, progress_to(sid), owner=sid)
+
+    @sio.event
+    async def uninstall_model(sid: str, data: Any = None) -> None:
+        await app[MODELS].uninstall(data, progress_to(sid))
 
     return sio
