@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import socketio
 
+
 def free_port() -> int:
     """A loopback port nothing listens on, for a server started as a child process."""
     with socket.socket() as s:
@@ -33,7 +34,10 @@ class Browser:
     first_message: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    async def open(cls, base: str, *, delta: bool = False) -> Browser:
+    async def open(cls, base: str, *, delta: bool = False, auth: dict[str, Any] | None = None,
+                   transports: list[str] | None = None) -> Browser:
+        """`delta`: ask for delta mode with the query parameter; `auth`: the Socket.IO
+        connect payload; `transports`: ["websocket"] unless given (e.g. ["polling"])."""
         # unsafe=True: keep cookies from an IP host (the test server is on 127.0.0.1)
         http = aiohttp.ClientSession(base_url=base, cookie_jar=aiohttp.CookieJar(unsafe=True))
         async with http.get("/get_generation_status") as resp:  # sets the session cookie
@@ -45,8 +49,8 @@ class Browser:
         for name in EVENTS:
             sio.on(name, browser._recorder(name))
         url = base + ("?stream=delta" if delta else "")
-        await sio.connect(url, headers={"Cookie": cookie}, transports=["websocket"],
-                          wait_timeout=10)
+        await sio.connect(url, headers={"Cookie": cookie}, auth=auth,
+                          transports=transports or ["websocket"], wait_timeout=10)
         return browser
 
     def _recorder(self, name: str) -> Any:
