@@ -14,11 +14,17 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from chatkit import Browser
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
+from lollms_fast.engine import (
+    Engine,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    load_engine,
+)
 from lollms_fast.server.keys import ENGINE_CONTROL
-
-from chatkit import Browser
 
 Factory = Callable[..., Any]
 
@@ -128,6 +134,7 @@ async def test_delta_mode_sends_only_new_text(browsers: Factory) -> None:
     assert rows[final["ai_message_id"]]["content"] == text
 
 
+@pytest.mark.slow
 async def test_stop_ends_with_cancelled_and_saves(aiohttp_server: Factory,
                                                   make_config: Callable[..., Config]) -> None:
     server = await aiohttp_server(build_app(chat_config(make_config, n_predict=500)))
@@ -138,8 +145,10 @@ async def test_stop_ends_with_cancelled_and_saves(aiohttp_server: Factory,
         await b.sio.emit("stop_gen")
         final = await asyncio.wait_for(b.finals.get(), 60)
         assert final["finish_reason"] == "cancelled"
-        await asyncio.sleep(0.3)  # anything sent after final would have arrived by now
-        assert b.events[-1][0] == "final"
+        # a round trip on the same socket: whatever the server sent before answering this
+        # call has arrived, and nothing of the generation came after its final
+        await b.sio.call("stop_gen", timeout=30)
+        assert b.events[-1][0] == "final" and b.events[-1][1] is final
         run = b.of_run(final)
         streamed = [d["data"] for n, d in run if n == "message"]
         assert final["data"] == streamed[-1]
@@ -174,10 +183,10 @@ async def test_http_stop_gen_stops_this_clients_generation(
 async def test_four_clients_at_once_no_cross_talk(browsers: Factory) -> None:
     clients = [await browsers() for _ in range(4)]
     prompts = ["What is rain?", "Name a fruit.", "Say something kind.", "What is 2+2?"]
-    finals = await asyncio.gather(*(c.generate(p) for c, p in zip(clients, prompts)))
+    finals = await asyncio.gather(*(c.generate(p) for c, p in zip(clients, prompts, strict=False)))
     discussions = {f["discussion_id"] for f in finals}
     assert len(discussions) == 4
-    for client, final, prompt in zip(clients, finals, prompts):
+    for client, final, prompt in zip(clients, finals, prompts, strict=False):
         run = client.of_run(final)
         assert_run_shape(run, delta=False)
         assert run[0][1]["message"] == prompt
@@ -186,9 +195,30 @@ async def test_four_clients_at_once_no_cross_talk(browsers: Factory) -> None:
                 if n in ("infos", "message", "final")} == {final["discussion_id"]}
 
 
+def recording_loader(generations: list[Generation]) -> Callable[[Config], Engine]:
+    """The real engine, remembering every Generation its public `submit` hands out."""
+    def load(config: Config) -> Engine:
+        engine = load_engine(config)
+        submit = engine.submit
+
+        def recording_submit(request: GenerationRequest) -> Generation:
+            generation = submit(request)
+            generations.append(generation)
+            return generation
+
+        engine.submit = recording_submit  # type: ignore[method-assign]
+        return engine
+    return load
+
+
+@pytest.mark.slow
 async def test_disconnect_cancels_and_frees_the_slot(
         aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
-    app = build_app(chat_config(make_config, parallel=1, n_predict=500))
+    """The engine's own finish says `cancelled` (not a natural end that happened to come
+    early), and the slot serves the next client."""
+    generations: list[Generation] = []
+    app = build_app(chat_config(make_config, parallel=1, n_predict=500),
+                    backend_factory=recording_loader(generations))
     server = await aiohttp_server(app)
     base = str(server.make_url("")).rstrip("/")
     leaving = await Browser.open(base)
@@ -198,20 +228,26 @@ async def test_disconnect_cancels_and_frees_the_slot(
         await asyncio.wait_for(leaving.first_message.wait(), 60)
         infos = leaving.events[0][1]
         engine = app[ENGINE_CONTROL].current
+        assert engine is not None and len(generations) == 1
         await leaving.sio.disconnect()
-        # the only slot is freed within a step, long before the 500 tokens were written
-        for _ in range(400):
-            if engine.stats()["slots_busy"] == 0:
-                break
-            await asyncio.sleep(0.01)
-        stats = engine.stats()
-        assert stats["slots_busy"] == 0 and stats["generated"] < 500
-        # and the next request is served by it
+        finish = await asyncio.wait_for(generations[0].wait(), 60)
+        assert finish.reason is FinishReason.CANCELLED, finish
+        assert finish.n_generated < 500
+        assert engine.stats()["slots_busy"] == 0
+        # and the next request (a short one) is served by the only slot
+        status, reply = await staying.post("/update_setting", {"setting_name": "n_predict",
+                                                               "setting_value": 24})
+        assert reply["status"] is True
         final = await staying.generate("Hi")
         assert final["finish_reason"] in ("stop", "length")
         assert engine.stats()["requests"] == 2
-        rows = {r["id"]: r for r in await staying.messages(infos["discussion_id"])}
-        assert rows[infos["ai_message_id"]]["content"]  # the partial answer was saved
+        # the partial answer was saved, all of it
+        for _ in range(500):
+            rows = {r["id"]: r for r in await staying.messages(infos["discussion_id"])}
+            if rows[infos["ai_message_id"]]["content"] == finish.text:
+                break
+            await asyncio.sleep(0.01)
+        assert finish.text and rows[infos["ai_message_id"]]["content"] == finish.text
     finally:
         await leaving.close()
         await staying.close()
