@@ -123,3 +123,19 @@ async def personality_asset(request: web.Request) -> web.FileResponse:
 async def static_file(request: web.Request) -> web.FileResponse:
     root = ui_root(request.app[SETTINGS].config.ui_dir)
     return await serve_from([root], request.match_info["filename"])
+
+
+@routes.route("*", "/{filename:.+}")
+@public
+async def no_route(request: web.Request) -> web.StreamResponse:
+    """Any other method on a path the catch-all holds. A path that some route serves with
+    other methods is a 405 naming them (as aiohttp answers when no catch-all exists); any
+    other path is not a route at all: 404, not the 405 the GET-only catch-all would give."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise NotFound("no such route")
