@@ -167,6 +167,7 @@ class Recorder:
     duration: float
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds)
     answers: list[tuple[float, int]] = field(default_factory=list)  # (t, characters)
+    finish_reasons: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     ops: Counter[str] = field(default_factory=Counter)
 
@@ -393,6 +394,7 @@ async def stream_loop(n: int, client: LollmsClient, ledger: Ledger, rec: Recorde
             prompt = rng.choice(PROMPTS)
             stream = await client.generate(prompt, timeout=600)
             answered += 1
+            rec.finish_reasons[stream.finish_reason] += 1
             if stream.finish_reason not in ("stop", "length", "cancelled"):
                 rec.error(f"stream {n}: an answer ended with {stream.finish_reason!r}")
             if stream.ai_message_id is None or stream.user_message_id is None:
@@ -545,6 +547,7 @@ def figures(run: Run, db: dict[str, Any], minutes: float, streams: int,
         "database": {"discussions": db["discussions"], "messages": db["messages"]},
         "answers": len(rec.answers),
         "answer_chars": sum(c for _, c in rec.answers),
+        "finish_reasons": dict(rec.finish_reasons),
         "rest_requests": len(latencies),
         "rest_ops": dict(rec.ops),
         "rest_p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
@@ -570,7 +573,7 @@ def must_be_zero(f: dict[str, Any]) -> list[str]:
 
 def print_report(f: dict[str, Any]) -> None:
     print(f"\nsoak: {f['minutes']:g} min, {f['streams']} streaming clients "
-          f"({f['answers']} answers), {f['rest_clients']} REST clients "
+          f"({f['answers']} answers: {f['finish_reasons']}), {f['rest_clients']} REST clients "
           f"({f['rest_requests']} requests), load average {f['load_before']} -> "
           f"{f['load_after']}")
     print(f"must be 0:  errors {f['errors']}  lost {f['lost_rows']}  duplicated "
