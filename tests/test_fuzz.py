@@ -32,6 +32,7 @@ from lollms_fast.app import EngineLoader, build_app
 from lollms_fast.config import SETTINGS, Config, load_config
 from lollms_fast.engine import Engine
 from lollms_fast.server.routes_ops import openapi_document
+from lollms_fast.services.settings import UPDATABLE
 
 DOCUMENT: dict[str, Any] = json.loads(openapi_document())
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "patch", "trace")
@@ -169,6 +170,12 @@ def test_config_schema_lists_every_setting() -> None:
     properties = DOCUMENT["components"]["schemas"]["Config"]["properties"]
     assert {name: p["type"] for name, p in properties.items()} == {
         s.name: kinds[s.type] for s in SETTINGS}
+
+
+def test_updatable_settings_are_the_documented_names() -> None:
+    body = DOCUMENT["paths"]["/update_setting"]["post"]["requestBody"]
+    names = body["content"]["application/json"]["schema"]["properties"]["setting_name"]
+    assert set(names["enum"]) == UPDATABLE
 
 
 async def test_served_document_is_the_packaged_file(rest_client: Any) -> None:
