@@ -170,7 +170,7 @@ class KVCache:
         if len(tokens) < MIN_TOKENS or not data:
             return
         array = as_tokens(tokens).copy()
-        entry = Entry(prefix_key(array), array, len(data), data, crc=zlib.crc32(data))
+        entry = Entry(prefix_key(array), array, len(data), data)
         with self._lock:
             self.stats.saved += 1
             self._drop_dominated(entry)
@@ -252,6 +252,7 @@ class KVCache:
         assert self.directory is not None
         if entry.superseded:  # a longer sequence came first: this one is not needed
             return
+        entry.crc = zlib.crc32(data)  # here, not on the engine thread
         header = self._header(entry)
         target = self.directory / f"{entry.key}{SUFFIX}"
         fd, tmp = tempfile.mkstemp(prefix=".kv.", dir=self.directory)

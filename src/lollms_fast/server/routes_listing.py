@@ -33,7 +33,8 @@ LANGUAGES = (
 
 
 @routes.get("/list_bindings")
-async def list_bindings(request: web.Request) -> web.Response:
+@routes.get("/list_backends")  # the seed era's name
+async def list_bindings(_request: web.Request) -> web.Response:
     return json_response(list(SETTINGS_BY_NAME["binding"].choices or ()))
 
 
@@ -69,7 +70,7 @@ async def list_personalities(request: web.Request) -> web.Response:
 
 
 @routes.get("/list_languages")
-async def list_languages(request: web.Request) -> web.Response:
+async def list_languages(_request: web.Request) -> web.Response:
     return json_response(LANGUAGES)
 
 
