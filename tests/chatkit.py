@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -95,3 +96,26 @@ class Browser:
         if self.sio.connected:
             await self.sio.disconnect()
         await self.http.close()
+
+
+# A personality under which the real default model, greedy and without a repeat penalty,
+# counts on ("13, 14, 15, ...") until n_predict: an answer that cannot end early, for tests
+# that must tell a stop or a cancel from a natural end. Use it with the config
+# `personality: counter`, `temperature: 0`, `repeat_penalty: 1.0` and the override on.
+COUNTER_PERSONALITY = """\
+name: counter
+personality_conditioning: "Numbers, counted one by one, separated by commas.\\n"
+user_message_prefix: "Task: "
+ai_message_prefix: "Answer: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
+link_text: "\\n"
+anti_prompts: ["Task:"]
+"""
+COUNTER_SETTINGS = {"personality": "counter", "temperature": 0.0, "repeat_penalty": 1.0,
+                    "override_personality_model_parameters": True}
+COUNT_PROMPT = "Count from 1 to 1000."
+
+
+def install_counter_personality(data_dir: Path) -> None:
+    folder = data_dir / "personalities" / "english" / "general" / "counter"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(COUNTER_PERSONALITY, encoding="utf-8")
