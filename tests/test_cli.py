@@ -144,3 +144,37 @@ def test_unusable_database_is_one_line(tmp_path: Path, default_model_path: Path,
     errors = [line for line in out.stderr.splitlines() if line.startswith("lollms-fast: error")]
     assert len(errors) == 1 and "database" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_connected_socket_exits_promptly(tmp_path: Path,
+                                                        default_model_path: Path) -> None:
+    """Shutdown disconnects Socket.IO clients itself; it used to wait for each WebSocket's
+    ping timeout (75 s). The bound below is a hang guard far under that, not a timing test."""
+    import asyncio
+    import signal
+
+    import socketio
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lollms_fast", "--data-dir", str(tmp_path), "--model",
+         str(default_model_path), "--port", str(port), "--host", "127.0.0.1",
+         "--parallel", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        wait_for_config(port, proc)
+
+        async def connect_then_stop() -> None:
+            client = socketio.AsyncClient(reconnection=False)
+            await client.connect(f"http://127.0.0.1:{port}", transports=["websocket"])
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 40)
+            await client.disconnect()
+
+        asyncio.run(connect_then_stop())
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

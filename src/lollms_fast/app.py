@@ -139,6 +139,15 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
         await engine.stop()
 
     async def close_sockets(_app: web.Application) -> None:
+        # running answers end first (saved as `cancelled`, their clients told by `final`),
+        # then every client is disconnected: aiohttp would otherwise wait for each open
+        # WebSocket until its ping timeout (75 s) before the process could exit
+        await chat.shutdown()
+        for eio_sid in list(sio.eio.sockets):
+            try:
+                await sio.eio.disconnect(eio_sid)
+            except Exception:  # a socket already gone
+                log.debug("socket %s was gone at shutdown", eio_sid)
         await sio.shutdown()
 
     async def stop_downloads(_app: web.Application) -> None:
