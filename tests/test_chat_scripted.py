@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
+
 from chatkit import Browser
 from fakes import ScriptedBackend
-
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.engine import Engine
@@ -61,7 +61,7 @@ async def test_pieces_keep_characters_whole_and_cut_the_anti_prompt(
         assert final["data"] == "Hello 😀 café "
         assert final["finish_reason"] == "stop"
         texts = pieces if delta else [
-            p[len(prev):] for prev, p in zip([""] + pieces, pieces)]
+            p[len(prev):] for prev, p in zip([""] + pieces, pieces, strict=False)]
         assert "".join(texts) == final["data"]
         for piece in texts:
             assert "\ufffd" not in piece
@@ -137,7 +137,7 @@ class _CountingStore:
     def __init__(self) -> None:
         self.writes: list[str] = []
 
-    async def update_content(self, message_id: int, text: str) -> bool:
+    async def update_content(self, _message_id: int, text: str) -> bool:
         self.writes.append(text)
         return True
 

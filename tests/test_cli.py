@@ -12,8 +12,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from chatkit import free_port
 
+from chatkit import free_port
 from lollms_fast import __version__
 from lollms_fast.cli import normalise_argv
 
@@ -86,7 +86,8 @@ def wait_for_config(port: int, proc: subprocess.Popen[str], timeout: float = 120
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"server exited early: {err}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/get_config", timeout=2) as r:
                 assert r.headers["Content-Type"].startswith("application/json")

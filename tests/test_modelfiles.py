@@ -50,8 +50,8 @@ def test_assemble_verifies_and_reports_progress(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir()] == [DEFAULT_MODEL_FILE]  # no temp file left
 
 
-def test_resolve_default_assembles_once_and_reuses(tmp_path: Path,
-                                                   default_model_path: Path) -> None:
+@pytest.mark.usefixtures("default_model_path")  # the package's chunks are installed
+def test_resolve_default_assembles_once_and_reuses(tmp_path: Path) -> None:
     models = tmp_path / "models"
     first = resolve_model(DEFAULT_MODEL_FILE, models, DEFAULT_MODEL_FILE)
     mtime = first.stat().st_mtime_ns
@@ -59,8 +59,8 @@ def test_resolve_default_assembles_once_and_reuses(tmp_path: Path,
     assert again == first and again.stat().st_mtime_ns == mtime
 
 
-def test_resolve_truncated_default_is_reassembled(tmp_path: Path,
-                                                  default_model_path: Path) -> None:
+@pytest.mark.usefixtures("default_model_path")
+def test_resolve_truncated_default_is_reassembled(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     (models / DEFAULT_MODEL_FILE).write_bytes(b"GGUF" + b"\x00" * 10)

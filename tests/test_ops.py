@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from chatkit import Browser
-from fakes import ScriptedBackend
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatkit import Browser
+from fakes import ScriptedBackend
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.engine import Engine
@@ -51,7 +51,7 @@ async def test_health_without_an_engine_is_503(rest_client: TestClient) -> None:
 
 async def test_health_with_a_running_engine_and_after_it_stops(
         aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
-    def load(config: Config) -> Engine:
+    def load(_config: Config) -> Engine:
         engine = Engine(ScriptedBackend([b"a"]), parallel=1, n_ctx_slot=256, n_batch=32,
                         queue_size=2)
         engine.start()

@@ -4,7 +4,6 @@ stand-in for the engine loader (the test is about when reloads happen, not about
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
