@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
-from chatkit import Browser
+from chatkit import COUNT_PROMPT, COUNTER_SETTINGS, Browser, install_counter_personality
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.engine import (
@@ -213,18 +214,19 @@ def recording_loader(generations: list[Generation]) -> Callable[[Config], Engine
 
 @pytest.mark.slow
 async def test_disconnect_cancels_and_frees_the_slot(
-        aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
-    """The engine's own finish says `cancelled` (not a natural end that happened to come
-    early), and the slot serves the next client."""
+        aiohttp_server: Factory, make_config: Callable[..., Config], tmp_path: Path) -> None:
+    """The engine's own finish says `cancelled` (the counting answer cannot end by itself
+    before n_predict), and the slot serves the next client."""
     generations: list[Generation] = []
-    app = build_app(chat_config(make_config, parallel=1, n_predict=500),
+    install_counter_personality(tmp_path / "data")
+    app = build_app(chat_config(make_config, parallel=1, n_predict=500, **COUNTER_SETTINGS),
                     backend_factory=recording_loader(generations))
     server = await aiohttp_server(app)
     base = str(server.make_url("")).rstrip("/")
     leaving = await Browser.open(base)
     staying = await Browser.open(base)
     try:
-        await leaving.sio.emit("generate_msg", {"prompt": "Write a long poem."})
+        await leaving.sio.emit("generate_msg", {"prompt": COUNT_PROMPT})
         await asyncio.wait_for(leaving.first_message.wait(), 60)
         infos = leaving.events[0][1]
         engine = app[ENGINE_CONTROL].current
