@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from browserkit import get_json, post_json, serve, wait_for
 
+from chatkit import COUNT_PROMPT, COUNTER_SETTINGS, install_counter_personality
+
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -32,6 +34,7 @@ def live_server(tmp_path: Path, default_model_path: Path) -> Iterator[str]:
     """`lollms-fast serve` in a child process; greedy answers of at most 160 tokens."""
     data = tmp_path / "data"
     data.mkdir()
+    install_counter_personality(data)  # chosen for the stop step of the chat test
     (data / "local_config.yaml").write_text(
         "override_personality_model_parameters: true\ntemperature: 0.0\nn_predict: 160\n")
     with serve(data, default_model_path) as base:
@@ -72,8 +75,27 @@ def accept_dialog(driver: WebDriver, text: str | None = None) -> None:
     alert.accept()
 
 
+# Records the `final` events the page receives (Socket.IO EVENT frames over the WebSocket),
+# so the test sees each answer's finish_reason, which the UI does not display.
+RECORD_FINALS = """
+window.__finals = [];
+const NativeWebSocket = window.WebSocket;
+window.WebSocket = class extends NativeWebSocket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("message", (e) => {
+      if (typeof e.data === "string" && e.data.startsWith('42["final",')) {
+        window.__finals.push(JSON.parse(e.data.slice(2))[1]);
+      }
+    });
+  }
+};
+"""
+
+
 def test_chat_in_a_real_browser(live_server: str, browser: WebDriver) -> None:
     d = browser
+    d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_FINALS})
     d.get(live_server + "/")
     wait_for(lambda: d.find_element(By.ID, "prompt").is_displayed(), 20, "the page")
     assert not d.find_element(By.ID, "view-settings").is_displayed()
@@ -113,8 +135,15 @@ def test_chat_in_a_real_browser(live_server: str, browser: WebDriver) -> None:
     assert d.title != "pwned"
     assert "<img src=x" in d.find_elements(By.CSS_SELECTOR, "#messages .msg.user .body")[-1].text
 
-    # stop a generation: the partial answer stays, on screen and in the database
-    send(d, "Write a long story about a dragon.")
+    # stop a generation: the partial answer stays, on screen and in the database. The
+    # counting personality cannot end by itself before n_predict (900 tokens), so only the
+    # stop can make this answer end `cancelled`
+    for name, value in [*COUNTER_SETTINGS.items(), ("n_predict", 900)]:
+        reply = post_json(live_server + "/update_setting",
+                          {"setting_name": name, "setting_value": value})
+        assert reply["status"] is True, reply
+    finals_before = len(d.execute_script("return window.__finals"))
+    send(d, COUNT_PROMPT)
     wait_for(lambda: generating(d), 20, "the third generation")
     wait_for(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, ".body.streaming")
                       if b.text.strip()], 60, "streamed text")
@@ -125,8 +154,12 @@ def test_chat_in_a_real_browser(live_server: str, browser: WebDriver) -> None:
     discussion_id = int(discussions(d)[0].get_attribute("data-id"))
     rows = post_json(live_server + "/load_discussion", {"id": discussion_id})
     saved = rows[-1]["content"]
-    assert rows[-1]["sender"] == "lollms" and saved.strip()
-    assert len(saved.split()) < 150  # cut short of the 160-token limit by the stop
+    assert rows[-1]["sender"] == "counter" and saved.strip()
+    finals = d.execute_script("return window.__finals")
+    assert len(finals) == finals_before + 1, finals
+    assert finals[-1]["finish_reason"] == "cancelled", finals[-1]
+    assert finals[-1]["data"] == saved and finals[-1]["ai_message_id"] == rows[-1]["id"]
+    assert stopped == saved.strip()
 
     # rename, then delete the discussion
     rename = discussions(d)[0].find_element(By.CSS_SELECTOR, "button[title='Rename']")
