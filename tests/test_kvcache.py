@@ -9,8 +9,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from fakes import SCRIPT0, ScriptedBackend
 from lollms_fast.engine import Engine, EngineMetrics, GenerationRequest, SamplingParams
@@ -216,3 +218,115 @@ def test_a_restored_state_gives_the_logits_of_decoding_again(default_model_path:
     finally:
         backend.close()
 
+
+
+# ---------------------------------------------------------------- restarts of a real server
+
+
+def _start(data_dir: Path, model: Path, port: int) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOLLMS_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lollms_fast", "--data-dir", str(data_dir), "--model",
+         str(model), "--port", str(port), "--host", "127.0.0.1", "--parallel", "1",
+         "--ctx-size", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+async def _ready(port: int, proc: Any) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise AssertionError("the server did not start")
+
+
+async def _kv_counts(b: Any) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with b.http.get("/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "lollms_kv_cache_lookups_total":
+                out[s.labels["tier"]] = s.value
+            elif s.name == "lollms_prompt_tokens_reused_total":
+                out["reused"] = s.value
+    return out
+
+
+LONG = ("Here is a long note about the history of lighthouses, their keepers, their lamps "
+        "and the ships they guided through storms along rocky coasts. ") * 14
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "kill9"])
+def test_a_discussion_resumes_from_the_disk_tier_after_a_restart(
+        tmp_path: Path, default_model_path: Path, stop: str) -> None:
+    """Discussion A is answered; with `kill9` another discussion then takes the only slot,
+    so A's state is written to disk before the kill; with `sigterm` A is still in its slot
+    and the clean shutdown saves it. After the restart A's next turn comes from the disk
+    tier: hundreds of prompt tokens reused instead of decoded."""
+    import signal
+
+    from chatkit import Browser, free_port
+
+    data = tmp_path / "data"
+
+    async def scenario() -> None:
+        port = free_port()
+        proc = _start(data, default_model_path, port)
+        try:
+            await _ready(port, proc)
+            b = await Browser.open(f"http://127.0.0.1:{port}")
+            _, first = await b.get("/new_discussion", title="A")
+            await b.generate(LONG + "What did keepers do at night?")
+            if stop == "kill9":
+                await b.get("/new_discussion", title="B")
+                await b.generate(LONG.replace("lighthouses", "windmills") + "Why?")
+                for _ in range(300):  # A's state is written through to disk
+                    if list((data / "kv_cache").glob("*.kv")):
+                        break
+                    await asyncio.sleep(0.1)
+            await b.close()
+            if stop == "kill9":
+                proc.send_signal(signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            assert list((data / "kv_cache").glob("*.kv"))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        port = free_port()
+        proc = _start(data, default_model_path, port)
+        try:
+            await _ready(port, proc)
+            b = await Browser.open(f"http://127.0.0.1:{port}")
+            await b.post("/load_discussion", {"id": first["id"]})
+            final = await b.generate("And during storms?")
+            assert final["discussion_id"] == first["id"]
+            counts = await _kv_counts(b)
+            assert counts["disk"] == 1, counts
+            assert counts["reused"] > 300, counts
+            await b.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except Exception:
+                proc.kill()
+
+    asyncio.run(scenario())
