@@ -393,3 +393,15 @@ def test_ctx_size_past_the_training_context_is_refused(default_model_path: Path)
         assert backend.n_ctx_train == 32768
     finally:
         backend.close()
+
+
+def test_tokenize_after_close_is_an_error_not_a_crash(default_model_path: Path) -> None:
+    """A request that picked an engine just before a reload closed it tokenizes on a freed
+    vocabulary: llama.cpp would abort the process; it must be a clean ModelNotReady."""
+    from lollms_fast.errors import ModelNotReady
+
+    backend = real_backend(default_model_path, parallel=1)
+    assert backend.tokenize("hello")
+    backend.close()
+    with pytest.raises(ModelNotReady):
+        backend.tokenize("hello world, after the close")

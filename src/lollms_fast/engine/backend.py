@@ -8,6 +8,7 @@ everything here runs on the engine thread, except `tokenize` (the vocabulary is 
 from __future__ import annotations
 
 import ctypes
+import threading
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as C
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, ModelNotReady
 from .batch import Batch
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Backend:
 
     def __init__(self, params: BackendParams) -> None:
         self.params = params
+        self._vocab_lock = threading.Lock()
         _init_backend()
         path = params.model_path
         mparams = C.llama_model_default_params()
@@ -121,7 +123,12 @@ class Backend:
         """Tokens of `text`; `add_special` adds BOS (if the model wants one), `parse_special`
         turns spelled control tokens (`<end_of_turn>`) into those tokens: only for text the
         server trusts, never for what a user typed."""
-        data = text.encode("utf-8")
+        with self._vocab_lock:  # other threads tokenize; `close` must not free it meanwhile
+            if self.model is None:
+                raise ModelNotReady("the model was unloaded (an engine reload); retry")
+            return self._tokenize(text.encode("utf-8"), add_special, parse_special)
+
+    def _tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
         n_max = len(data) + 8
         buf = (C.llama_token * n_max)()
         n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special,
@@ -225,6 +232,10 @@ class Backend:
             size = -n  # too small: -n is the size needed
 
     def close(self) -> None:
+        with self._vocab_lock:
+            self._free()
+
+    def _free(self) -> None:
         if getattr(self, "ctx", None):
             C.llama_free(self.ctx)
             self.ctx = None
