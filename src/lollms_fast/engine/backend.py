@@ -8,8 +8,8 @@ everything here runs on the engine thread, except `tokenize` (the vocabulary is 
 from __future__ import annotations
 
 import ctypes
-import threading
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
