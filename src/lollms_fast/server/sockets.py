@@ -52,7 +52,7 @@ class OrjsonModule:
 class Connection:
     session: ClientSession
     delta: bool
-    generations: set["Generation"] = field(default_factory=set)
+    generations: set[Generation] = field(default_factory=set)
 
 
 def _without_compression(sio: socketio.AsyncServer) -> None:
@@ -61,9 +61,9 @@ def _without_compression(sio: socketio.AsyncServer) -> None:
     llama.cpp's threads for frames of a few dozen bytes. python-engineio builds its aiohttp
     WebSocket from its driver table; ours differs only in `compress=False`."""
     drivers = getattr(sio.eio, "_async", None)
-    base = drivers.get("websocket") if isinstance(drivers, dict) else None
-    if base is None:
+    if not isinstance(drivers, dict) or drivers.get("websocket") is None:
         return
+    base = drivers["websocket"]
 
     class PlainWebSocket(base):  # type: ignore[misc, valid-type]
         async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
