@@ -137,11 +137,15 @@ async def test_delta_mode_sends_only_new_text(browsers: Factory) -> None:
 
 @pytest.mark.slow
 async def test_stop_ends_with_cancelled_and_saves(aiohttp_server: Factory,
-                                                  make_config: Callable[..., Config]) -> None:
-    server = await aiohttp_server(build_app(chat_config(make_config, n_predict=500)))
+                                                  make_config: Callable[..., Config],
+                                                  tmp_path: Path) -> None:
+    # the counting answer cannot end by itself before n_predict: only the stop ends it
+    install_counter_personality(tmp_path / "data")
+    server = await aiohttp_server(build_app(chat_config(make_config, n_predict=500,
+                                                        **COUNTER_SETTINGS)))
     b = await Browser.open(str(server.make_url("")).rstrip("/"))
     try:
-        await b.sio.emit("generate_msg", {"prompt": "Write a long story about a dragon."})
+        await b.sio.emit("generate_msg", {"prompt": COUNT_PROMPT})
         await asyncio.wait_for(b.first_message.wait(), 60)
         await b.sio.emit("stop_gen")
         final = await asyncio.wait_for(b.finals.get(), 60)
@@ -162,12 +166,14 @@ async def test_stop_ends_with_cancelled_and_saves(aiohttp_server: Factory,
 
 
 async def test_http_stop_gen_stops_this_clients_generation(
-        aiohttp_server: Factory, make_config: Callable[..., Config]) -> None:
-    server = await aiohttp_server(build_app(chat_config(make_config, n_predict=500)))
+        aiohttp_server: Factory, make_config: Callable[..., Config], tmp_path: Path) -> None:
+    install_counter_personality(tmp_path / "data")
+    server = await aiohttp_server(build_app(chat_config(make_config, n_predict=300,
+                                                        **COUNTER_SETTINGS)))
     base = str(server.make_url("")).rstrip("/")
     mine, other = await Browser.open(base), await Browser.open(base)
     try:
-        await mine.sio.emit("generate_msg", {"prompt": "Write a long story about a dragon."})
+        await mine.sio.emit("generate_msg", {"prompt": COUNT_PROMPT})
         await other.sio.emit("generate_msg", {"prompt": "Hi"})
         await asyncio.wait_for(mine.first_message.wait(), 60)
         status, body = await mine.get("/stop_gen")
