@@ -406,7 +406,7 @@ class Bench:
         for c in clients[:k]:
             await c.new_discussion()
         t0 = time.perf_counter()
-        futures = [await c.start(p) for c, p in zip(clients, prompts, strict=True)]
+        futures = [await c.start(p) for c, p in zip(clients, prompts, strict=False)]
         lol = await asyncio.wait_for(asyncio.gather(*futures), 600)
         lol_wall = max(s.t_end for s in lol) - t0
         t0 = time.perf_counter()
