@@ -489,9 +489,12 @@ class Bench:
             data_dir = self.work / f"turns{r}"
 
             def server() -> ServerProcess:
+                # no disk KV tier: the fresh servers must read the history again (they share
+                # the data dir, and a tier would resume it: bench_kvcache.py measures that)
                 return lollms_server(model=self.model, data_dir=data_dir, n_predict=self.n,
                                      threads=THREADS, ctx_size=CTX_SIZE, parallel=PARALLEL,
-                                     log_path=self.work / "lollms_turns.log")
+                                     log_path=self.work / "lollms_turns.log",
+                                     extra_env={"LOLLMS_KV_CACHE_DISK_MB": "0"})
 
             async def on_fresh(body: Callable[[LollmsClient], Awaitable[Stream]]) -> Stream:
                 srv = await asyncio.to_thread(server().start)
