@@ -330,3 +330,43 @@ def test_a_discussion_resumes_from_the_disk_tier_after_a_restart(
                 proc.kill()
 
     asyncio.run(scenario())
+
+
+async def test_on_the_real_model_an_evicted_discussion_decodes_only_its_new_turn(
+        default_model_path: Path) -> None:
+    """One slot, two discussions: A, then B takes the slot, then A's next turn (A's prompt,
+    its answer tokenized again, a new line). Only the tokens after what A's stored state
+    shares with that prompt are decoded."""
+    from test_engine import real_backend
+
+    backend = real_backend(default_model_path, parallel=1, ctx=2048)
+    kv = KVCache(None, ram_budget=256 << 20, disk_budget=0,
+                 meta={"model_sha256": "test", **backend.state_format})
+    engine = Engine(backend, parallel=1, n_ctx_slot=2048, n_batch=256, queue_size=4,
+                    kv_cache=kv, metrics=EngineMetrics())
+    engine.start()
+    params = SamplingParams(temperature=0.0, repeat_penalty=1.0, n_predict=12)
+
+    async def answer(tokens: list[int]) -> str:
+        gen = engine.submit(GenerationRequest(tokens, params))
+        async for _ in gen:
+            pass
+        return (await gen.wait()).text
+
+    try:
+        a = engine.tokenize("Notes about rivers and their floods. " * 20, True)
+        text = await answer(a)
+        await answer(engine.tokenize("Notes about bread and its ovens. " * 20, True))
+        turn = a + engine.tokenize(text, False) + engine.tokenize("\nWhy?\n", False)
+        slot_state = kv.sizes()
+        assert slot_state["ram_entries"] == 1  # A left the slot for B
+        before = engine.stats()
+        await answer(turn)
+        after = engine.stats()
+        reused = after["prompt_reused"] - before["prompt_reused"]
+        decoded = after["prompt_decoded"] - before["prompt_decoded"]
+        assert engine.metrics.kv_lookups["ram"] == 1
+        assert reused >= len(a) and reused + decoded == len(turn)
+        assert decoded <= len(turn) - len(a)  # the new turn, at most the re-read answer too
+    finally:
+        await asyncio.to_thread(engine.close)
