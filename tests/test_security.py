@@ -481,3 +481,11 @@ async def test_a_prompt_over_max_prompt_chars_is_refused_before_tokenizing(
         assert (await b.generate("w" * 1000))["finish_reason"] == "stop"
     finally:
         await b.close()
+
+
+async def test_head_never_runs_a_state_changing_route(open_client: TestClient) -> None:
+    """aiohttp answers HEAD with the GET handler unless told not to."""
+    before = await state(open_client)
+    resp = await open_client.head("/new_discussion", params={"title": "x"})
+    assert resp.status in (404, 405)
+    assert await state(open_client) == before

@@ -6,6 +6,7 @@ reverse order on shutdown; nothing blocking runs on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -143,11 +144,12 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
         # then every client is disconnected: aiohttp would otherwise wait for each open
         # WebSocket until its ping timeout (75 s) before the process could exit
         await chat.shutdown()
-        for eio_sid in list(sio.eio.sockets):
-            try:
-                await sio.eio.disconnect(eio_sid)
+        for eio_sid, sock in list(sio.eio.sockets.items()):
+            try:  # the close packet is queued; a polling client may never come to fetch it
+                await asyncio.wait_for(sock.close(wait=False), 5)
             except Exception:  # a socket already gone
                 log.debug("socket %s was gone at shutdown", eio_sid)
+            sio.eio.sockets.pop(eio_sid, None)
         await sio.shutdown()
 
     async def stop_downloads(_app: web.Application) -> None:

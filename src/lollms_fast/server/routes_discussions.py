@@ -25,7 +25,7 @@ routes = web.RouteTableDef()
 OK = {"status": True}
 
 
-@routes.get("/new_discussion")
+@routes.get("/new_discussion", allow_head=False)  # HEAD must not change state
 @changes_state
 async def new_discussion(request: web.Request) -> web.Response:
     title = query_str(request, "title", required=False)
@@ -66,7 +66,7 @@ async def edit_title(request: web.Request) -> web.Response:
     return json_response(OK)
 
 
-@routes.get("/update_message")
+@routes.get("/update_message", allow_head=False)  # HEAD must not change state
 @changes_state
 async def update_message(request: web.Request) -> web.Response:
     message_id = query_int(request, "id")
@@ -81,19 +81,19 @@ async def _rank(request: web.Request, delta: int) -> web.Response:
     return json_response({"status": True, "new_rank": new_rank})
 
 
-@routes.get("/message_rank_up")
+@routes.get("/message_rank_up", allow_head=False)  # HEAD must not change state
 @changes_state
 async def message_rank_up(request: web.Request) -> web.Response:
     return await _rank(request, 1)
 
 
-@routes.get("/message_rank_down")
+@routes.get("/message_rank_down", allow_head=False)  # HEAD must not change state
 @changes_state
 async def message_rank_down(request: web.Request) -> web.Response:
     return await _rank(request, -1)
 
 
-@routes.get("/delete_message")
+@routes.get("/delete_message", allow_head=False)  # HEAD must not change state
 @changes_state
 async def delete_message(request: web.Request) -> web.Response:
     await request.app[DISCUSSIONS].delete_message(client_session(request),
@@ -148,7 +148,7 @@ async def import_multiple_discussions(request: web.Request) -> web.Response:
     return json_response({"status": True, "ids": ids})
 
 
-@routes.get("/stop_gen")
+@routes.get("/stop_gen", allow_head=False)  # HEAD must not change state
 @changes_state
 async def stop_gen(request: web.Request) -> web.Response:
     client_session(request).request_stop()

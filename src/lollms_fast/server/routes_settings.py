@@ -40,7 +40,7 @@ async def apply_settings(request: web.Request) -> web.Response:
     return json_response(await request.app[SETTINGS].apply_pending())
 
 
-@routes.get("/set_personality_language")
+@routes.get("/set_personality_language", allow_head=False)  # HEAD must not change state
 @changes_state
 async def set_personality_language(request: web.Request) -> web.Response:
     language = query_str(request, "language")
@@ -48,7 +48,7 @@ async def set_personality_language(request: web.Request) -> web.Response:
     return json_response(CHOSEN)
 
 
-@routes.get("/set_personality_category")
+@routes.get("/set_personality_category", allow_head=False)  # HEAD must not change state
 @changes_state
 async def set_personality_category(request: web.Request) -> web.Response:
     category = query_str(request, "category")
@@ -56,7 +56,7 @@ async def set_personality_category(request: web.Request) -> web.Response:
     return json_response(CHOSEN)
 
 
-@routes.get("/set_personality")
+@routes.get("/set_personality", allow_head=False)  # HEAD must not change state
 @changes_state
 async def set_personality(request: web.Request) -> web.Response:
     """The 2023 route (from 05-23) choosing language, category and personality at once; each
