@@ -627,6 +627,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0,
                         help="how long the load runs (fractions allowed; default 10)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--kv-ram-mb", type=int, default=None,
+                        help="the server's kv_cache_ram_mb (default: its default, 1024)")
     parser.add_argument("--model", type=Path, help="GGUF file (default: the embedded model)")
     parser.add_argument("--think-ms", type=float, default=250.0,
                         help="mean pause of a REST client between operations (default 250)")
@@ -651,7 +653,9 @@ def main() -> int:
             ctx_size=2048, parallel=STREAMS, log_path=Path(tmp) / "server.log",
             # the default personality's layout, sampling as a user would run it
             extra_env={"LOLLMS_TEMPERATURE": "0.9", "LOLLMS_REPEAT_PENALTY": "1.2",
-                       "LOLLMS_SEED": "-1"}).start()
+                       "LOLLMS_SEED": "-1",
+                       **({} if args.kv_ram_mb is None
+                          else {"LOLLMS_KV_CACHE_RAM_MB": str(args.kv_ram_mb)})}).start()
         try:
             run = asyncio.run(soak(server.url, server.pid, args.minutes * 60,
                                    args.think_ms / 1000, args.streams, args.rest_clients))
