@@ -232,7 +232,10 @@ def _start(data_dir: Path, model: Path, port: int) -> Any:
     return subprocess.Popen(
         [sys.executable, "-m", "lollms_fast", "--data-dir", str(data_dir), "--model",
          str(model), "--port", str(port), "--host", "127.0.0.1", "--parallel", "1",
-         "--ctx-size", "2048"],
+         # room for the whole history: with 2048 a long sampled answer (n_predict 1024)
+         # pushes the first user turn out of the next prompt, which then shares only the
+         # conditioning with the stored sequence
+         "--ctx-size", "4096"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
