@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampling import default_model
 from table import Table, write_json
 
-from lollms_fast.engine import Engine, GenerationRequest, SamplingParams
+from lollms_fast.engine import Engine, Finish, GenerationRequest, SamplingParams
 from lollms_fast.engine.backend import Backend, BackendParams
 from lollms_fast.engine.kvcache import KVCache
 
@@ -65,16 +65,23 @@ def new_engine(model: Path, kv_dir: Path | None, tiers: bool) -> Engine:
     return engine
 
 
-async def turn(engine: Engine, prompt: list[int]) -> tuple[float, str]:
-    """(time to first token, answer text)."""
+async def timed(engine: Engine, prompt: list[int], params: SamplingParams
+                ) -> tuple[float, float, Finish]:
+    """(submission time, first piece time, finish) of one generation."""
     t0 = time.perf_counter()
-    gen = engine.submit(GenerationRequest(prompt, TURN))
+    gen = engine.submit(GenerationRequest(prompt, params))
     first = None
     async for _ in gen:
         if first is None:
             first = time.perf_counter()
     finish = await gen.wait()
-    return ((first or time.perf_counter()) - t0), finish.text
+    return t0, first or time.perf_counter(), finish
+
+
+async def turn(engine: Engine, prompt: list[int]) -> tuple[float, str]:
+    """(time to first token, answer text)."""
+    t0, first, finish = await timed(engine, prompt, TURN)
+    return first - t0, finish.text
 
 
 async def rotation(model: Path, discussions: int, rounds: int, tiers: bool) -> list[float]:
@@ -115,13 +122,7 @@ async def decode_rate(model: Path, tiers: bool, n: int = 128) -> float:
     try:
         prompt = engine.tokenize("Write a long story about a lighthouse keeper.", True)
         params = SamplingParams(temperature=0.0, repeat_penalty=1.0, n_predict=n)
-        gen = engine.submit(GenerationRequest(prompt, params))
-        first = None
-        async for _ in gen:
-            if first is None:
-                first = time.perf_counter()
-        finish = await gen.wait()
-        assert first is not None
+        _, first, finish = await timed(engine, prompt, params)
         return (finish.n_generated - 1) / (time.perf_counter() - first)
     finally:
         await asyncio.to_thread(engine.close)

@@ -1,9 +1,12 @@
-"""The one strict integer parser for ids and numbers from requests, bodies and settings."""
+"""Strict parsing shared by the routes and services: integers and ids from requests, bodies
+and settings, and JSON object bodies."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+import orjson
 
 from .errors import BadRequest
 
@@ -31,3 +34,16 @@ def parse_int(name: str, value: Any, *, lo: int = INT64_MIN, hi: int = INT64_MAX
 def parse_id(name: str, value: Any) -> int:
     """A row id: a non-negative 64-bit integer (or its decimal text)."""
     return parse_int(name, value, lo=0)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (BadRequest otherwise)."""
+    if not body:
+        raise BadRequest("a JSON body is required")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the JSON body must be an object")
+    return data

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from ..parsing import parse_int
+from ..parsing import parse_int, parse_json_object
 
 __all__ = ["parse_int", "query_int", "query_str", "read_json_object", "read_limited",
            "require_field", "require_id"]
@@ -42,16 +41,7 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     require_json_type(request)
-    body = await request.read()  # raises 413 past client_max_size
-    if not body:
-        raise BadRequest("a JSON body is required")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the JSON body must be an object")
-    return data
+    return parse_json_object(await request.read())  # read: 413 past client_max_size
 
 
 def query_str(request: web.Request, name: str, *, required: bool = True) -> str | None:

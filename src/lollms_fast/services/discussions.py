@@ -11,10 +11,8 @@ import datetime as _dt
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-import orjson
-
 from ..errors import BadRequest, Conflict, NotFound, PayloadTooLarge
-from ..parsing import parse_int
+from ..parsing import parse_int, parse_json_object
 from ..storage.discussions import (
     MSG_CONDITIONING,
     MSG_NORMAL,
@@ -160,14 +158,7 @@ def _message(raw: Any, where: str) -> ImportedMessage:
 
 def parse_import_body(body: bytes, max_items: int) -> list[ImportedDiscussion]:
     """`{"jArray": [...]}`: at most `max_items` discussions and `max_items` messages."""
-    if not body:
-        raise BadRequest("a JSON body is required")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the JSON body must be an object")
+    data = parse_json_object(body)
     if "jArray" not in data:
         raise BadRequest("field 'jArray' is required")
     return parse_import(data["jArray"], max_items)
