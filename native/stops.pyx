@@ -50,7 +50,8 @@ cdef class StopDetector:
     """Incremental anti-prompt detector over streamed UTF-8 bytes."""
 
     cdef unsigned char* _raw      # bytes not yet emitted
-    cdef unsigned char* _folded   # the same, ASCII-lowercased
+    cdef unsigned char* _folded   # the same, ASCII-lowercased (unless case_sensitive)
+    cdef bint _fold
     cdef Py_ssize_t _len
     cdef Py_ssize_t _cap
     cdef unsigned char* _stops    # all anti-prompts (folded), back to back
@@ -62,8 +63,11 @@ cdef class StopDetector:
     cdef readonly bint stopped
     cdef readonly Py_ssize_t cut
 
-    def __cinit__(self, anti_prompts=()):
-        encoded = [s.encode("utf-8").lower() for s in anti_prompts if s]
+    def __cinit__(self, anti_prompts=(), bint case_sensitive=False):
+        self._fold = not case_sensitive
+        encoded = [s.encode("utf-8") for s in anti_prompts if s]
+        if self._fold:
+            encoded = [b.lower() for b in encoded]
         cdef Py_ssize_t total = sum(len(b) for b in encoded)
         cdef Py_ssize_t i, off = 0
         cdef bytes b
@@ -136,7 +140,7 @@ cdef class StopDetector:
             self._cap = cap
         memcpy(self._raw + self._len, data, n)
         for i in range(n):
-            self._folded[self._len + i] = _lower(data[i])
+            self._folded[self._len + i] = _lower(data[i]) if self._fold else data[i]
         self._len += n
         return True
 

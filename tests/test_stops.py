@@ -52,8 +52,9 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def run(impl, anti_prompts, pieces: list[bytes]) -> tuple[list[str], str, object]:
-    d = impl.StopDetector(anti_prompts)
+def run(impl, anti_prompts, pieces: list[bytes], case_sensitive: bool = False
+        ) -> tuple[list[str], str, object]:
+    d = impl.StopDetector(anti_prompts, case_sensitive=case_sensitive)
     out = [d.feed(p) for p in pieces]
     return out, d.finish(), d
 
@@ -101,6 +102,30 @@ def test_an_anti_prompt_in_another_case_is_found(before: str, stop: str, after: 
     assert dn.stopped
     assert dn.cut <= len(before.encode())
     assert "".join(out_n) + tail_n == data[: dn.cut].decode()
+
+
+@needs_native
+@settings(max_examples=300)
+@given(text=texts, stops=st.lists(st.text(alphabet, min_size=1, max_size=6), max_size=3),
+       cuts=st.lists(st.integers(0, 200), max_size=12))
+def test_case_sensitive_twins_agree(text: str, stops: list[str], cuts: list[int]) -> None:
+    """OpenAI `stop` sequences match exactly: both twins agree, and the stop is the first
+    exact occurrence of one of them."""
+    assert native is not None
+    pieces = split_at(text.encode(), cuts)
+    out_n, tail_n, dn = run(native, stops, pieces, case_sensitive=True)
+    out_p, tail_p, dp = run(stops_py, stops, pieces, case_sensitive=True)
+    assert (out_n, tail_n, dn.stopped, dn.cut) == (out_p, tail_p, dp.stopped, dp.cut)
+    data = text.encode()
+    found = [at for at in (data.find(s.encode()) for s in stops) if at >= 0]
+    assert dn.cut == (min(found) if found else -1)
+
+
+@pytest.mark.parametrize("impl", TWINS)
+def test_case_sensitive_ignores_other_case(impl) -> None:
+    out, tail, d = run(impl, ["User:"], [b"the uSER: said ", b"User: stop"], case_sensitive=True)
+    assert "".join(out) + tail == "the uSER: said "
+    assert d.stopped and d.cut == len(b"the uSER: said ")
 
 
 @pytest.mark.parametrize("impl", TWINS)

@@ -7,7 +7,8 @@ show now:
 - never text that could be the beginning of an anti-prompt (held back until it either
   completes the anti-prompt or stops matching);
 - anti-prompts are matched case-insensitively for ASCII letters (bytes.lower(); other
-  characters must match exactly), across token boundaries, only over the bytes not yet
+  characters must match exactly; `case_sensitive=True` matches bytes exactly, as OpenAI
+  `stop` sequences are), across token boundaries, only over the bytes not yet
   emitted (at most the longest anti-prompt plus one token);
 - once an anti-prompt is found, the text before it is returned, `stopped` becomes true and
   `cut` is the byte offset of the anti-prompt in the whole stream.
@@ -40,8 +41,11 @@ def complete_utf8_len(data: bytes | bytearray | memoryview) -> int:
 class StopDetector:
     """Incremental anti-prompt detector over streamed UTF-8 bytes."""
 
-    def __init__(self, anti_prompts: Iterable[str] = ()) -> None:
-        self._stops = [s.encode("utf-8").lower() for s in anti_prompts if s]
+    def __init__(self, anti_prompts: Iterable[str] = (), case_sensitive: bool = False) -> None:
+        self._fold = not case_sensitive
+        self._stops = [s.encode("utf-8") for s in anti_prompts if s]
+        if self._fold:
+            self._stops = [s.lower() for s in self._stops]
         self._pending = bytearray()
         self._emitted = 0  # bytes of the stream consumed (returned or cut) so far
         self.stopped = False
@@ -53,7 +57,7 @@ class StopDetector:
             return ""
         pending = self._pending
         pending += data
-        folded = bytes(pending).lower()
+        folded = bytes(pending).lower() if self._fold else bytes(pending)
         match = -1
         for stop in self._stops:
             at = folded.find(stop)

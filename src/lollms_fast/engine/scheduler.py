@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol, cast
 
@@ -34,7 +34,7 @@ from . import kvcache
 from .batch import Batch, ModelBackend, StatefulBackend
 from .kvcache import KVCache
 from .metrics import EngineMetrics
-from .types import FinishReason
+from .types import FinishReason, TokenLogprob
 
 log = logging.getLogger("lollms_fast.engine")
 
@@ -49,6 +49,10 @@ class SamplingParams:
     repeat_last_n: int = 40
     seed: int = -1  # -1: a random seed per request
     n_predict: int = 1024
+    presence_penalty: float = 0.0  # subtracted once from tokens in the penalty window
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the window
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    n_probs: int = -1  # >= 0: report each token's logprob and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class GenerationRequest:
     tokens: Sequence[int]  # the whole prompt, BOS included
     params: SamplingParams
     anti_prompts: tuple[str, ...] = ()
+    stops_case_sensitive: bool = False  # lollms anti-prompts ignore ASCII case; OpenAI's not
+    grammar: str | None = None  # GBNF the answer must follow (llama.cpp's grammar sampler)
 
 
 @dataclass(frozen=True)
@@ -80,15 +86,46 @@ class TokenSampler(Protocol):
     def sample(self, logits: npt.NDArray[np.float32]) -> int: ...
 
 
+class GrammarMatcher(Protocol):
+    """One sequence's grammar state (engine.backend.Grammar)."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def mask(self, logits: npt.NDArray[np.float32]) -> None: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SequenceCopyBackend(ModelBackend, Protocol):
+    """A backend that can share a sequence's cells with another (n > 1 choices)."""
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+
+
+class GrammarBackend(ModelBackend, Protocol):
+    """A backend that can constrain sampling with a grammar."""
+
+    def grammar(self, gbnf: str) -> GrammarMatcher: ...
+
+
 SamplerFactory = Callable[[GenerationRequest], TokenSampler]
 
 
 def default_sampler(request: GenerationRequest) -> TokenSampler:
     p = request.params
     seed = p.seed if p.seed >= 0 else secrets.randbits(64)
+    extra: dict[str, object] = {}
+    if p.presence_penalty:
+        extra["presence_penalty"] = p.presence_penalty
+    if p.frequency_penalty:
+        extra["frequency_penalty"] = p.frequency_penalty
+    if p.logit_bias:
+        extra["logit_bias"] = dict(p.logit_bias)
     s = sampling.Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                          repeat_penalty=p.repeat_penalty, repeat_last_n=p.repeat_last_n,
-                         seed=seed)
+                         seed=seed, **extra)
     if p.repeat_last_n > 0:  # the prompt's tail counts as "recent" for the repeat penalty
         s.accept_many(request.tokens[-p.repeat_last_n:])
     return s
@@ -106,8 +143,11 @@ class Generation:
         self._loop = loop
         self._wake = wake
         self._pieces: deque[str] = deque()
+        self._logprobs: list[TokenLogprob] = []
         self._waiter: asyncio.Future[None] | None = None
         self._done = asyncio.Event()
+        # the other choices of an n > 1 request: they start from this one's prompt KV
+        self.followers: list[Generation] = []
 
     def cancel(self) -> None:
         if not self.cancelled and self.finish is None:
@@ -135,8 +175,16 @@ class Generation:
         assert self.finish is not None
         return self.finish
 
-    def _push(self, text: str, finish: Finish | None) -> None:
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The token logprobs received since the last call (requests with n_probs >= 0)."""
+        taken, self._logprobs = self._logprobs, []
+        return taken
+
+    def _push(self, text: str, finish: Finish | None,
+              logprobs: list[TokenLogprob] | None = None) -> None:
         """On the event loop: one engine step's text (and the finish, at the end)."""
+        if logprobs:
+            self._logprobs.extend(logprobs)
         if text:
             self._pieces.append(text)
         if finish is not None:
@@ -151,6 +199,7 @@ class SlotState(Enum):
     IDLE = 0
     PROMPT = 1  # decoding the prompt, chunk by chunk
     GENERATING = 2
+    FOLLOWING = 3  # another choice of an n > 1 request: waits for the leader's prompt
 
 
 @dataclass(slots=True)
@@ -159,6 +208,7 @@ class _Update:
 
     text: str
     finish: Finish | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class _Slot:
@@ -175,6 +225,9 @@ class _Slot:
         self.next_token = -1  # sampled, not yet decoded
         self.sampler: TokenSampler | None = None
         self.detector: stops.StopDetector | None = None
+        self.grammar: GrammarMatcher | None = None
+        # FOLLOWING slots (and their requests) waiting for this one's prompt
+        self.followers: list[tuple[_Slot, Generation]] = []
         self.parts: list[str] = []
         self.n_prompt = 0
         self.n_reused = 0
@@ -214,8 +267,9 @@ class Engine:
         self._clock = 0  # steps, for least-recently-used slot choice
         self._admissions = 0
         self._updates: dict[Generation, _Update] = {}  # what this step produced, per request
+        self._scratch: npt.NDArray[np.float32] | None = None  # grammar sampling's row copy
         self._totals = {"prompt_decoded": 0, "prompt_reused": 0, "generated": 0, "steps": 0,
-                        "requests": 0, "errors": 0}
+                        "requests": 0, "errors": 0, "grammar_masks": 0}
         # for /metrics; an app shares one across reloads (set before the engine serves)
         self.metrics = metrics or EngineMetrics()
         # RAM and disk tiers behind the slots (None: a slot's cache dies with it); the
@@ -243,23 +297,37 @@ class Engine:
         self.backend.close()
 
     def submit(self, request: GenerationRequest) -> Generation:
-        n = len(request.tokens)
-        if n == 0:
+        return self.submit_choices(request, 1)[0]
+
+    def submit_choices(self, request: GenerationRequest, n: int) -> list[Generation]:
+        """`n` answers to one prompt. The prompt is decoded once, by the first; the others
+        take slots at the same time and start from a copy of its KV (llama_memory_seq_cp)
+        and of its last logits row. With a fixed seed, choice i samples with seed + i."""
+        count = len(request.tokens)
+        if count == 0:
             raise BadRequest("the prompt is empty")
-        if n >= self.n_ctx_slot:
-            raise BadRequest(f"the prompt has {n} tokens; a slot holds {self.n_ctx_slot} "
+        if count >= self.n_ctx_slot:
+            raise BadRequest(f"the prompt has {count} tokens; a slot holds {self.n_ctx_slot} "
                              f"(prompt and answer together)")
-        generation = Generation(request, asyncio.get_running_loop(), self._wake)
+        if not 1 <= n <= self.parallel:
+            raise BadRequest(f"n must be between 1 and {self.parallel} (the parallel slots)")
+        loop = asyncio.get_running_loop()
+        generations = [Generation(request if i == 0 or request.params.seed < 0 else
+                                  replace(request, params=replace(
+                                      request.params, seed=request.params.seed + i)),
+                                  loop, self._wake) for i in range(n)]
+        leader = generations[0]
+        leader.followers = generations[1:]
         with self._cond:
             if self._closing:
                 raise ModelNotReady("the engine is shutting down")
-            if self._outstanding >= self.parallel + self.queue_size:
+            if self._outstanding + n > self.parallel + self.queue_size:
                 raise Busy(f"all {self.parallel} slots and the {self.queue_size} places of "
                            f"the wait queue are taken; retry later")
-            self._outstanding += 1
-            self._waiting.append(generation)
+            self._outstanding += n
+            self._waiting.append(leader)
             self._cond.notify()
-        return generation
+        return generations
 
     def tokenize(self, text: str, add_bos: bool, parse_special: bool = False) -> list[int]:
         return self.backend.tokenize(text, add_bos, parse_special)
@@ -323,8 +391,11 @@ class Engine:
     def _take_admissible(self) -> list[Generation]:
         free = sum(1 for s in self._slots if s.gen is None)
         taken: list[Generation] = []
-        while self._waiting and len(taken) < free:
-            taken.append(self._waiting.popleft())
+        # first come, first served: a request with n choices waits for n free slots
+        while self._waiting and 1 + len(self._waiting[0].followers) <= free:
+            gen = self._waiting.popleft()
+            taken.append(gen)
+            free -= 1 + len(gen.followers)
         # cancelled while queued: they never take a slot
         for g in [g for g in self._waiting if g.cancelled]:
             self._waiting.remove(g)
@@ -334,8 +405,9 @@ class Engine:
     def _admit(self, generations: list[Generation]) -> None:
         for gen in generations:
             tokens = gen.request.tokens
-            if gen.cancelled:
-                self._finish_unslotted(gen, FinishReason.CANCELLED, None)
+            if gen.cancelled:  # its choices go with it (they were to share its prompt)
+                for g in (gen, *gen.followers):
+                    self._finish_unslotted(g, FinishReason.CANCELLED, None)
                 continue
             slot = self._pick_slot(tokens)
             # at least the last prompt token is decoded: its logits give the first answer token
@@ -346,22 +418,46 @@ class Engine:
                 self._reset_kv(slot)  # this cache cannot be cut at a position
                 reuse = 0
             del slot.cached[reuse:]
-            self._admissions += 1
-            slot.admitted = self._admissions
-            slot.gen = gen
-            slot.state = SlotState.PROMPT
-            slot.pending = tokens[reuse:]
-            slot.n_prompt, slot.n_reused, slot.n_generated = len(tokens), reuse, 0
-            slot.parts = []
-            try:
-                slot.sampler = self._sampler_factory(gen.request)
-                slot.detector = stops.StopDetector(gen.request.anti_prompts)
-            except Exception as exc:
-                self._end(slot, FinishReason.ERROR, f"bad sampling parameters: {exc}")
+            self._totals["requests"] += 1 + len(gen.followers)
+            self._occupy(slot, gen, SlotState.PROMPT)
+            if slot.gen is not gen:  # unusable parameters: the choices fail with it
+                for g in gen.followers:
+                    self._finish_unslotted(g, FinishReason.ERROR, "bad sampling parameters")
                 continue
+            slot.pending = tokens[reuse:]
+            slot.n_reused = reuse
+            slot.followers = []
+            for follower in gen.followers:
+                other = self._pick_slot(tokens)
+                self._save_slot(other, 0)
+                self._reset_kv(other)  # it will hold a copy of the leader's sequence
+                self._occupy(other, follower, SlotState.FOLLOWING)
+                if other.gen is follower:
+                    slot.followers.append((other, follower))
             self._totals["prompt_reused"] += reuse
-            self._totals["requests"] += 1
             self.metrics.admitted(len(tokens), reuse)
+            for _ in slot.followers:  # the choices' prompts are shared, not decoded
+                self.metrics.admitted(len(tokens), len(tokens))
+
+    def _occupy(self, slot: _Slot, gen: Generation, state: SlotState) -> None:
+        """Give `slot` to `gen`: its sampler, stop detector and grammar (a request whose
+        parameters cannot be used ends with an error at once)."""
+        self._admissions += 1
+        slot.admitted = self._admissions
+        slot.gen = gen
+        slot.state = state
+        slot.pending = ()
+        slot.n_prompt, slot.n_reused, slot.n_generated = len(gen.request.tokens), 0, 0
+        slot.parts = []
+        request = gen.request
+        try:
+            slot.sampler = self._sampler_factory(request)
+            slot.detector = stops.StopDetector(request.anti_prompts,
+                                               case_sensitive=request.stops_case_sensitive)
+            if request.grammar is not None:
+                slot.grammar = cast(GrammarBackend, self.backend).grammar(request.grammar)
+        except Exception as exc:
+            self._end(slot, FinishReason.ERROR, f"bad sampling parameters: {exc}")
 
     def _use_tiers(self, slot: _Slot, tokens: Sequence[int], reuse: int) -> int:
         """Restore the longest stored prefix of `tokens` into `slot` if it beats the slot's
@@ -476,9 +572,46 @@ class Engine:
             self._totals["prompt_decoded"] += len(tokens)
         if index < 0:
             return
+        row = self.backend.logits(index)
+        if slot.followers:  # the prompt is read: the other choices start from here
+            self._fork(slot, row)
+        self._sample(slot, row)
+
+    def _fork(self, leader: _Slot, row: npt.NDArray[np.float32]) -> None:
+        """The leader's prompt is in its KV: each FOLLOWING slot gets a copy of that
+        sequence (cells shared, nothing decoded again) and samples from a copy of the
+        leader's logits row (sampling edits the row in place)."""
+        followers, leader.followers = leader.followers, []
+        backend = cast(SequenceCopyBackend, self.backend)
+        for slot, gen in followers:
+            if slot.gen is not gen or slot.state is not SlotState.FOLLOWING:
+                continue  # cancelled meanwhile
+            backend.seq_cp(leader.seq_id, slot.seq_id, -1, -1)
+            slot.cached = list(leader.cached)
+            slot.last_used = self._clock
+            self._totals["prompt_reused"] += len(slot.cached)
+            self._sample(slot, row.copy())
+
+    def _sample(self, slot: _Slot, row: npt.NDArray[np.float32]) -> None:
+        """Sample the slot's next token from its logits row, then stream or end."""
         assert slot.sampler is not None and slot.gen is not None and slot.detector is not None
-        token = slot.sampler.sample(self.backend.logits(index))
+        grammar = slot.grammar
+        if grammar is None:
+            token = slot.sampler.sample(row)
+        else:
+            # the fast path: sample freely, ask the grammar about that one token; only when
+            # it is refused does the grammar filter the whole row (from an unpenalised copy)
+            scratch = self._scratch_row(row)
+            token = slot.sampler.sample(row)
+            if not grammar.allows(token):
+                grammar.mask(scratch)
+                row = scratch
+                token = slot.sampler.sample(row)
+                self._totals["grammar_masks"] += 1
+            grammar.accept(token)
         slot.sampler.accept(token)
+        if slot.gen.request.params.n_probs >= 0:
+            self._logprob(slot, row, token)
         slot.n_generated += 1
         self._totals["generated"] += 1
         now = time.monotonic()
@@ -506,9 +639,34 @@ class Engine:
             slot.next_token = token
             slot.state = SlotState.GENERATING
 
+    def _scratch_row(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """A copy of `row` in a buffer reused across steps (engine thread only)."""
+        if self._scratch is None or self._scratch.shape != row.shape:
+            self._scratch = np.empty_like(row)
+        np.copyto(self._scratch, row)
+        return self._scratch
+
+    def _logprob(self, slot: _Slot, row: npt.NDArray[np.float32], token: int) -> None:
+        assert slot.gen is not None
+        n = slot.gen.request.params.n_probs
+        value, top = sampling.top_logprobs(row, token, n)
+        piece = self.backend.piece
+        entry = TokenLogprob(token, piece(token), value,
+                             tuple((piece(t), lp) for t, lp in top))
+        update = self._updates.get(slot.gen)
+        if update is None:
+            update = self._updates[slot.gen] = _Update("", None)
+        if update.logprobs is None:
+            update.logprobs = []
+        update.logprobs.append(entry)
+
     def _end(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
         gen = slot.gen
         assert gen is not None
+        followers, slot.followers = slot.followers, []
+        for other, follower in followers:  # choices still waiting for this prompt end
+            if other.gen is follower and other.state is SlotState.FOLLOWING:
+                self._end(other, reason, error)
         tail = slot.detector.finish() if slot.detector is not None else ""
         if tail:
             slot.parts.append(tail)
@@ -517,7 +675,9 @@ class Engine:
                         "".join(slot.parts))
         self._emit(gen, "", finish)
         # the slot's KV stays: the next request sharing its prefix skips those tokens
-        slot.gen, slot.sampler, slot.detector = None, None, None
+        if slot.grammar is not None:
+            slot.grammar.close()
+        slot.gen, slot.sampler, slot.detector, slot.grammar = None, None, None, None
         slot.state = SlotState.IDLE
         slot.pending, slot.parts = (), []
         self._release(gen, reason)
@@ -576,10 +736,11 @@ class Engine:
             waiting = list(self._waiting)
             self._waiting.clear()
         for gen in waiting:
-            self._finish_unslotted(gen, FinishReason.CANCELLED, None)
+            for g in (gen, *gen.followers):
+                self._finish_unslotted(g, FinishReason.CANCELLED, None)
         self._deliver()
 
 
 def _push_all(items: list[tuple[Generation, _Update]]) -> None:
     for gen, update in items:
-        gen._push(update.text, update.finish)
+        gen._push(update.text, update.finish, update.logprobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -15,3 +16,14 @@ class FinishReason(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token with its log-probability and the most likely alternatives
+    (log-softmax at temperature 1 of the row it was sampled from, after bias and penalties)."""
+
+    token: int
+    piece: bytes  # the token's bytes (part of a character for some tokens)
+    logprob: float
+    top: tuple[tuple[bytes, float], ...]  # (piece, logprob), most likely first
