@@ -12,7 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp
 import numpy as np
@@ -222,14 +222,44 @@ class Backend:
             cached = self._pieces[token] = self._fetch_piece(token)
         return cached
 
-    def _fetch_piece(self, token: int) -> bytes:
+    def _fetch_piece(self, token: int, special: bool = False) -> bytes:
         size = 32
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = C.llama_token_to_piece(self.vocab, token, buf, size, 0, False)
+            n = C.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
             if n >= 0:
                 return buf.raw[:n]
             size = -n  # too small: -n is the size needed
+
+    # ------------------------------------------------------------------ chat template
+
+    def chat_template(self) -> str | None:
+        """The GGUF's `tokenizer.chat_template` (Jinja source), None when it has none."""
+        key = b"tokenizer.chat_template"
+        with self._vocab_lock:
+            if self.model is None:
+                raise ModelNotReady("the model was unloaded (an engine reload); retry")
+            size = 4096
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = C.llama_model_meta_val_str(self.model, key, buf, size)
+                if n < 0:
+                    return None
+                if n < size:  # snprintf: n is the full length, without the NUL
+                    return buf.raw[:n].decode("utf-8", "replace")
+                size = n + 1
+
+    def special_token_text(self, kind: Literal["bos", "eos"]) -> str | None:
+        """How the vocabulary spells its BOS or EOS token (`<bos>`), as chat templates use
+        it; None when the model has no such token."""
+        with self._vocab_lock:
+            if self.model is None:
+                raise ModelNotReady("the model was unloaded (an engine reload); retry")
+            token = C.llama_vocab_bos(self.vocab) if kind == "bos" else C.llama_vocab_eos(
+                self.vocab)
+            if token < 0:  # LLAMA_TOKEN_NULL
+                return None
+            return self._fetch_piece(token, special=True).decode("utf-8", "replace")
 
     def close(self) -> None:
         with self._vocab_lock:
