@@ -4,7 +4,15 @@ whose cookie the Socket.IO connection shares, and a recorder of the events it re
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +44,16 @@ class Browser:
 
     @classmethod
     async def open(cls, base: str, *, delta: bool = False, auth: dict[str, Any] | None = None,
-                   transports: list[str] | None = None) -> Browser:
+                   transports: list[str] | None = None, api_key: str | None = None
+                   ) -> Browser:
         """`delta`: ask for delta mode with the query parameter; `auth`: the Socket.IO
-        connect payload; `transports`: ["websocket"] unless given (e.g. ["polling"])."""
+        connect payload; `transports`: ["websocket"] unless given (e.g. ["polling"]);
+        `api_key`: sent on every HTTP request and in the connect payload."""
         # unsafe=True: keep cookies from an IP host (the test server is on 127.0.0.1)
-        http = aiohttp.ClientSession(base_url=base, cookie_jar=aiohttp.CookieJar(unsafe=True))
+        http = aiohttp.ClientSession(base_url=base, cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                     headers={"X-API-Key": api_key} if api_key else None)
+        if api_key:
+            auth = {**(auth or {}), "api_key": api_key}
         async with http.get("/get_generation_status") as resp:  # sets the session cookie
             assert resp.status == 200
         cookie = "; ".join(f"{c.key}={c.value}" for c in http.cookie_jar)
@@ -119,3 +132,44 @@ def install_counter_personality(data_dir: Path) -> None:
     folder = data_dir / "personalities" / "english" / "general" / "counter"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(COUNTER_PERSONALITY, encoding="utf-8")
+
+
+@contextmanager
+def server_process(data_dir: Path, model: Path, *args: str,
+                   timeout: float = 120) -> Iterator[str]:
+    """`python -m lollms_fast serve` as a child process on a free loopback port, with no
+    LOLLMS_* variable of the test's environment; yields its base URL once `/health` says
+    the model is loaded, and kills it at the end. `args`: more serve flags. Its log goes to
+    a temporary file (a pipe nobody reads could fill up and block it), shown if it fails
+    to start."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOLLMS_")}
+    cmd = [sys.executable, "-m", "lollms_fast", "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--data-dir", str(data_dir), "--model", str(model), *args]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        base = f"http://127.0.0.1:{port}"
+
+        def failed(why: str) -> AssertionError:
+            log.seek(0)
+            return AssertionError(f"{why}:\n" + log.read().decode(errors="replace")[-4000:])
+
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise failed(f"the server exited with status {proc.returncode}")
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:  # refused, or 503 while the model loads (HTTPError)
+                    pass
+                if time.monotonic() > deadline:
+                    raise failed(f"the server did not start within {timeout} s")
+                time.sleep(0.2)
+            yield base
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

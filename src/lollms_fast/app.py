@@ -20,6 +20,7 @@ from .server import (
     middlewares,
     routes_discussions,
     routes_listing,
+    routes_openai,
     routes_ops,
     routes_settings,
     routes_static,
@@ -27,6 +28,7 @@ from .server import (
 )
 from .server.keys import (
     CHAT,
+    COMPLETIONS,
     DATABASE,
     DISCUSSIONS,
     ENGINE_CONTROL,
@@ -40,6 +42,7 @@ from .server.keys import (
 from .server.session import set_session_cookie
 from .server.sockets import create_socketio
 from .services.chat import ChatService
+from .services.completions import CompletionService
 from .services.discussions import DiscussionService
 from .services.engine_control import EngineControl
 from .services.models import ModelService
@@ -88,6 +91,7 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app.on_response_prepare.append(security.security_headers)
     # the session cookie goes on every response, errors and 401s included (SPEC "Sessions")
     app.on_response_prepare.append(set_session_cookie)
+    app.on_response_prepare.append(routes_openai.cors_headers)
     library = PersonalityLibrary(config.personalities_dir)
     engine_metrics = EngineMetrics()  # one for every engine of this app: counters never reset
 
@@ -117,6 +121,8 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app[CHAT] = chat
     models = ModelService(settings, engine)
     app[MODELS] = models
+    completions = CompletionService(settings, personalities, engine)
+    app[COMPLETIONS] = completions
 
     sio = create_socketio(config, app)
     sio.attach(app)
@@ -125,6 +131,7 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app.add_routes(routes_listing.routes)
     app.add_routes(routes_discussions.routes)
     app.add_routes(routes_ops.routes)
+    app.add_routes(routes_openai.routes)
     app[routes_ops.METRICS_REGISTRY] = routes_ops.metrics_registry(app)
     app.add_routes(routes_static.routes)  # last: holds the /{filename} catch-all
 
@@ -137,6 +144,7 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
         await engine.start(settings.config)
         yield
         await chat.shutdown()  # running answers end as `cancelled` and are saved
+        await completions.shutdown()
         await engine.stop()
 
     async def close_sockets(_app: web.Application) -> None:
@@ -144,6 +152,7 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
         # then every client is disconnected: aiohttp would otherwise wait for each open
         # WebSocket until its ping timeout (75 s) before the process could exit
         await chat.shutdown()
+        await completions.shutdown()
         for eio_sid, sock in list(sio.eio.sockets.items()):
             try:  # the close packet is queued; a polling client may never come to fetch it
                 await asyncio.wait_for(sock.close(wait=False), 5)

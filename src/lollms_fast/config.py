@@ -142,6 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
             "strings, keys or bodies)."),
     Setting("ssl_certfile", str, "", "TLS certificate (PEM) to serve HTTPS with."),
     Setting("ssl_keyfile", str, "", "TLS private key (PEM) of ssl_certfile."),
+    Setting("strict_model_names", bool, False,
+            "/v1 requests naming another model than the loaded one get a 404 (off: the "
+            "loaded model answers whatever name a client sends)."),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -217,6 +220,7 @@ class Config:
     access_log: bool = _default("access_log")
     ssl_certfile: str = _default("ssl_certfile")
     ssl_keyfile: str = _default("ssl_keyfile")
+    strict_model_names: bool = _default("strict_model_names")
     extra: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
 

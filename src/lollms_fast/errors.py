@@ -6,9 +6,13 @@ from __future__ import annotations
 class LollmsError(Exception):
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # what the OpenAI error shape reports besides the message (SPEC section 9)
+        self.param = param
+        self.code = code
 
 
 class BadRequest(LollmsError, ValueError):

@@ -59,6 +59,8 @@ class EngineMetrics:
         self.prompt_tokens = 0  # prompt tokens of admitted requests (decoded + reused)
         self.prompt_tokens_reused = 0  # taken from a slot's cached prefix, not decoded
         self.generated_tokens = 0
+        self.decode_steps = 0  # llama_decode calls (a step serves every active slot)
+        self.grammar_masks = 0  # sampled tokens a grammar refused (the whole row was masked)
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.inter_token = Histogram(INTER_TOKEN_BUCKETS)
         self.request_duration = Histogram(DURATION_BUCKETS)
@@ -75,6 +77,14 @@ class EngineMetrics:
         with self._lock:
             self.generated_tokens += n
 
+    def step(self) -> None:
+        with self._lock:
+            self.decode_steps += 1
+
+    def grammar_masked(self) -> None:
+        with self._lock:
+            self.grammar_masks += 1
+
     def ended(self, reason: FinishReason, duration: float) -> None:
         with self._lock:
             self.finished[reason] += 1
@@ -89,5 +99,7 @@ class EngineMetrics:
             return {"prompt_tokens": self.prompt_tokens,
                     "prompt_tokens_reused": self.prompt_tokens_reused,
                     "generated_tokens": self.generated_tokens,
+                    "decode_steps": self.decode_steps,
+                    "grammar_masks": self.grammar_masks,
                     **{f"kv_{tier}": n for tier, n in self.kv_lookups.items()},
                     **{f"finished_{r.value}": n for r, n in self.finished.items()}}

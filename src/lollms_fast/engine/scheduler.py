@@ -116,16 +116,11 @@ SamplerFactory = Callable[[GenerationRequest], TokenSampler]
 def default_sampler(request: GenerationRequest) -> TokenSampler:
     p = request.params
     seed = p.seed if p.seed >= 0 else secrets.randbits(64)
-    extra: dict[str, object] = {}
-    if p.presence_penalty:
-        extra["presence_penalty"] = p.presence_penalty
-    if p.frequency_penalty:
-        extra["frequency_penalty"] = p.frequency_penalty
-    if p.logit_bias:
-        extra["logit_bias"] = dict(p.logit_bias)
     s = sampling.Sampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                          repeat_penalty=p.repeat_penalty, repeat_last_n=p.repeat_last_n,
-                         seed=seed, **extra)
+                         seed=seed, presence_penalty=p.presence_penalty,
+                         frequency_penalty=p.frequency_penalty,
+                         logit_bias=p.logit_bias or None)
     if p.repeat_last_n > 0:  # the prompt's tail counts as "recent" for the repeat penalty
         s.accept_many(request.tokens[-p.repeat_last_n:])
     return s
@@ -536,6 +531,7 @@ class Engine:
         for slot, _, _ in spans:
             slot.last_used = self._clock
         self._totals["steps"] += 1
+        self.metrics.step()
         rc = self.backend.decode(batch)
         if rc != 0:
             self._retry_alone(spans, rc)
@@ -608,6 +604,7 @@ class Engine:
                 row = scratch
                 token = slot.sampler.sample(row)
                 self._totals["grammar_masks"] += 1
+                self.metrics.grammar_masked()
             grammar.accept(token)
         slot.sampler.accept(token)
         if slot.gen.request.params.n_probs >= 0:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..engine.metrics import EngineMetrics
     from ..engine.scheduler import Engine
     from ..services.chat import ChatService
+    from ..services.completions import CompletionService
     from ..services.discussions import DiscussionService
     from ..services.engine_control import EngineControl
     from ..services.models import ModelService
@@ -26,6 +27,7 @@ SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
 DISCUSSIONS: web.AppKey[DiscussionService] = web.AppKey("discussions")
 PERSONALITIES: web.AppKey[PersonalityService] = web.AppKey("personalities")
 CHAT: web.AppKey[ChatService] = web.AppKey("chat")
+COMPLETIONS: web.AppKey[CompletionService] = web.AppKey("completions")
 ENGINE_CONTROL: web.AppKey[EngineControl[Engine]] = web.AppKey("engine_control")
 MODELS: web.AppKey[ModelService] = web.AppKey("models")
 ENGINE_METRICS: web.AppKey[EngineMetrics] = web.AppKey("engine_metrics")

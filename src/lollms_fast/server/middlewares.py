@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..errors import LollmsError
 from .keys import SETTINGS
-from .responses import error_response
+from .responses import error_for
 
 log = logging.getLogger("lollms_fast.http")
 
@@ -23,19 +23,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except LollmsError as exc:
-        return error_response(exc.message, exc.status)
+        return error_for(request, exc.message, exc.status, param=exc.param, code=exc.code)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.empty_body:
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        response = error_response(reason, exc.status)
+        response = error_for(request, reason, exc.status)
         for name in ("Allow",):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response("internal server error", 500)
+        return error_for(request, "internal server error", 500)
 
 
 def presented_key(request: web.Request) -> str:
@@ -76,7 +76,7 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
     if (expected and not request.path.startswith(SOCKETIO_PREFIX)
             and not getattr(request.match_info.handler, _PUBLIC, False)
             and not key_matches(expected, presented_key(request))):
-        return error_response("missing or wrong API key", 401)
+        return error_for(request, "missing or wrong API key", 401, code="invalid_api_key")
     return await handler(request)
 
 

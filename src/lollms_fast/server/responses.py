@@ -27,3 +27,34 @@ def json_bytes_response(body: bytes, status: int = 200) -> web.Response:
 
 def error_response(message: str, status: int) -> web.Response:
     return json_response({"status": False, "error": message}, status=status)
+
+
+OPENAI_PREFIX = "/v1/"
+
+# HTTP status -> the OpenAI error `type`
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+                 413: "invalid_request_error", 415: "invalid_request_error",
+                 429: "rate_limit_error"}
+
+
+def openai_error(message: str, status: int, *, param: str | None = None,
+                 code: str | None = None) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}`, the shape OpenAI clients parse."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else
+                             "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error_response(message: str, status: int, *, param: str | None = None,
+                          code: str | None = None) -> web.Response:
+    return json_response(openai_error(message, status, param=param, code=code), status=status)
+
+
+def error_for(request: web.Request, message: str, status: int, *, param: str | None = None,
+              code: str | None = None) -> web.Response:
+    """An error in the shape the route's clients expect: OpenAI's under /v1/, lollms's
+    `{"status": false, "error"}` everywhere else."""
+    if request.path.startswith(OPENAI_PREFIX):
+        return openai_error_response(message, status, param=param, code=code)
+    return error_response(message, status)

@@ -102,6 +102,12 @@ class LollmsCollector(Collector):
                                   value=counts["prompt_tokens_reused"])
         yield CounterMetricFamily("lollms_generated_tokens", "Tokens generated",
                                   value=counts["generated_tokens"])
+        yield CounterMetricFamily("lollms_decode_steps",
+                                  "llama_decode calls; one serves every active slot (lollms "
+                                  "and /v1 requests share it)", value=counts["decode_steps"])
+        yield CounterMetricFamily("lollms_grammar_masks",
+                                  "Sampled tokens a grammar refused, so that the grammar "
+                                  "filtered the whole row", value=counts["grammar_masks"])
         lookups = CounterMetricFamily(
             "lollms_kv_cache_lookups",
             "Admissions by where their prompt prefix came from (slot, ram, disk, miss)",

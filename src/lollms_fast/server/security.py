@@ -27,7 +27,7 @@ from yarl import URL
 
 from ..config import Config
 from .middlewares import Handler
-from .responses import error_response
+from .responses import error_for
 
 _CHANGES_STATE = "__lollms_fast_changes_state__"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -137,15 +137,17 @@ class OriginPolicy:
         self.listed = frozenset(k for k in (_origin_key(URL(o)) for o in listed if o != "*")
                                 if k is not None)
 
+    def lists(self, origin: str) -> bool:
+        """Is `origin` one of `allowed_origins` (CORS answers only those)?"""
+        try:
+            return _origin_key(URL(origin)) in self.listed
+        except ValueError:
+            return False
+
     def allows(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
         if origin is not None:
-            if self.any or _same_origin(request, origin):
-                return True
-            try:
-                return _origin_key(URL(origin)) in self.listed
-            except ValueError:
-                return False
+            return self.any or _same_origin(request, origin) or self.lists(origin)
         fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
         return fetch_site not in ("cross-site", "same-site")
 
@@ -157,14 +159,14 @@ def security_middleware(config: Config) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not hosts.allows(request.headers.get("Host")):
-            return error_response("this server does not answer to that host name (add it "
-                                  "to allowed_hosts)", 403)
+            return error_for(request, "this server does not answer to that host name (add "
+                             "it to allowed_hosts)", 403)
         changing = request.method not in SAFE_METHODS or getattr(
             request.match_info.handler, _CHANGES_STATE, False)
         if changing and not request.path.startswith("/socket.io/") \
                 and not origins.allows(request):
-            return error_response("cross-origin request refused (its origin is not in "
-                                  "allowed_origins)", 403)
+            return error_for(request, "cross-origin request refused (its origin is not in "
+                             "allowed_origins)", 403)
         return await handler(request)
 
     return check
