@@ -67,11 +67,12 @@ import numpy as np
 import yaml
 from llama_cpp import llama_cpp as C
 
+from lollms_fast.bench import LollmsClient, Stream, completion_stream
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_rest  # noqa: E402
 from bench_sampling import default_model  # noqa: E402
-from clients import LollmsClient, Stream, completion_stream  # noqa: E402
 from rawloop import RawContext  # noqa: E402
 from servers import ServerProcess, llama_cpp_server, lollms_server, peak_rss_mb  # noqa: E402
 from table import Row, Table, write_json  # noqa: E402

@@ -19,7 +19,7 @@ from .config import DEFAULT_MODEL_FILE, Config, ConfigError, load_config
 from .errors import LollmsError
 from .modelfiles import list_models, resolve_model, stderr_progress
 
-COMMANDS = ("serve", "models")
+COMMANDS = ("serve", "bench", "models")
 
 # flag -> config key; every serve flag maps to one setting
 SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -70,7 +70,70 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models available to the server",
                             description="List GGUF files in the models folder.")
     _add_common(models)
+    _add_bench(sub.add_parser(
+        "bench", help="measure a running server under load",
+        description="Stream --requests answers through --clients concurrent clients from a "
+                    "running server (lollms_fast, llama-server, Ollama, vLLM, ...) and report "
+                    "time to first token, tokens/s, gaps between pieces and errors.",
+        epilog="Exit status: 0 when every request succeeded, 1 when some failed, 2 when the "
+               "run could not start. With --api lollms, --max-tokens and the sampling options "
+               "given are set on the server with update_setting for the run (in memory, with "
+               "override_personality_model_parameters on) and set back afterwards."))
     return parser
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9600")
+    p.add_argument("--api", choices=("lollms", "openai"), default="openai",
+                   help="lollms: Socket.IO generate_msg; openai: streamed /v1 requests "
+                        "(default openai)")
+    p.add_argument("--clients", type=int, default=1, metavar="N",
+                   help="concurrent clients (default 1)")
+    p.add_argument("--requests", type=int, default=None, metavar="M",
+                   help="requests in total, shared by the clients (default: one each)")
+    p.add_argument("--max-tokens", type=int, default=128, metavar="K",
+                   help="tokens per answer at most (default 128; lollms: n_predict)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the prompt of every request")
+    prompt.add_argument("--prompts", type=Path, metavar="FILE.json",
+                        help="a JSON list of prompts, used in turn")
+    for flag, kind in (("--temperature", float), ("--top-k", int), ("--top-p", float),
+                       ("--repeat-penalty", float), ("--seed", int)):
+        p.add_argument(flag, type=kind, default=None,
+                       help="sampling (default: the server's own)")
+    p.add_argument("--model", help="the model name sent to an OpenAI server (default: the "
+                                   "first of its /v1/models)")
+    p.add_argument("--api-key", help="sent as Authorization: Bearer (openai) or X-API-Key "
+                                     "(lollms)")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="openai: /v1/completions (default) or /v1/chat/completions")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="give up on one answer after this long (default 300)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (it is off anyway when stderr is not a "
+                        "terminal)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    try:
+        prompts = (bench.load_prompts(args.prompts) if args.prompts is not None
+                   else [args.prompt if args.prompt is not None else bench.DEFAULT_PROMPT])
+    except bench.BenchError as exc:
+        print(f"lollms-fast bench: error: {exc}", file=sys.stderr)
+        return 2
+    sampling = {name: getattr(args, name) for name in
+                ("temperature", "top_k", "top_p", "repeat_penalty", "seed")
+                if getattr(args, name) is not None}
+    options = bench.BenchOptions(
+        url=args.url, api=args.api, clients=args.clients,
+        requests=args.requests if args.requests is not None else args.clients,
+        max_tokens=args.max_tokens, prompts=prompts, sampling=sampling, model=args.model,
+        api_key=args.api_key, endpoint=args.endpoint, timeout=args.timeout,
+        progress=not args.no_progress)
+    return bench.main(options, args.json)
 
 
 def normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -200,6 +263,8 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
+    if args.command == "bench":  # a client of some server: no config of its own
+        return cmd_bench(args)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         key_file = flags.pop("api_key_file", None)
