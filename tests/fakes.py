@@ -106,6 +106,15 @@ class ScriptedBackend:
         del toks[start:end]
         return True
 
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Share `src`'s positions [p0, p1) with `dst` (here: copy its tokens; the
+        scheduler only copies whole sequences into empty ones)."""
+        toks = self.kv.get(src, [])
+        start = max(p0, 0)
+        end = len(toks) if p1 < 0 else p1
+        assert not self.kv.get(dst) and start == 0, "seq_cp into a non-empty sequence"
+        self.kv[dst] = list(toks[start:end])
+
     def state_get(self, seq_id: int) -> bytearray:
         """A sequence's "KV state": its tokens, as the KV tiers store states."""
         self.states_saved += 1

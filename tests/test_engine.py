@@ -183,6 +183,114 @@ async def test_a_failing_sampler_ends_the_request_not_the_engine() -> None:
     assert good.text == "a"
 
 
+class GrammarBackend(ScriptedBackend):
+    """The scripted backend with a stand-in grammar: only the tokens in `allowed` (ids)."""
+
+    def __init__(self, script: list[bytes], allowed: set[int]) -> None:
+        super().__init__(script)
+        self.allowed = allowed
+        self.accepted: list[int] = []
+        self.closed_grammars = 0
+
+    def grammar(self, gbnf: str) -> Any:
+        backend = self
+
+        class Matcher:
+            def allows(self, token: int) -> bool:
+                return token in backend.allowed
+
+            def mask(self, logits: Any) -> None:
+                keep = np.array(sorted(backend.allowed))
+                saved = logits[keep].copy()
+                logits[:] = -np.inf
+                logits[keep] = saved
+
+            def accept(self, token: int) -> None:
+                backend.accepted.append(token)
+
+            def close(self) -> None:
+                backend.closed_grammars += 1
+
+        assert gbnf == "root ::= x"
+        return Matcher()
+
+
+async def test_choices_share_one_prompt_decode() -> None:
+    """n = 3: the prompt's tokens are decoded once (one sequence), the other two sequences
+    start from a copy and all three generate; a fixed seed gives choice i seed + i."""
+    backend = ScriptedBackend([b"a", b"b"])
+    seeds: list[int] = []
+
+    def factory(request: GenerationRequest) -> Any:
+        seeds.append(request.params.seed)
+        from lollms_fast.engine.scheduler import default_sampler
+        return default_sampler(request)
+
+    async with running(backend, parallel=3, sampler_factory=factory) as engine:
+        prompt = engine.tokenize("a long prompt", True)
+        gens = engine.submit_choices(GenerationRequest(prompt, SamplingParams(seed=40)), 3)
+        results = [await collect(g) for g in gens]
+        stats = engine.stats()
+    assert [r[1].text for r in results] == ["ab"] * 3
+    assert all(r[1].reason == "stop" and r[1].n_prompt == len(prompt) for r in results)
+    prompt_rows = [(seq, pos) for call in backend.calls for seq, tok, pos, _ in call
+                   if pos < len(prompt)]
+    assert len(prompt_rows) == len(prompt)  # every prompt position decoded exactly once
+    assert len({seq for seq, _ in prompt_rows}) == 1
+    assert sorted(seeds) == [40, 41, 42]
+    assert stats["prompt_decoded"] == len(prompt)
+    # each sequence holds the prompt and its own answer
+    assert all(toks[:len(prompt)] == prompt for toks in backend.kv.values())
+
+
+async def test_choices_wait_for_enough_slots_and_cancel_together() -> None:
+    gate = threading.Semaphore(0)
+    backend = ScriptedBackend([b"x"], eog_after=False, gate=gate)
+    async with running(backend, parallel=2) as engine:
+        first = ask(engine, "busy", SamplingParams(temperature=0, n_predict=1000))
+        pair = engine.submit_choices(GenerationRequest(engine.tokenize("p", True), GREEDY), 2)
+        gate.release(3)
+        await asyncio.sleep(0.05)
+        assert engine.stats()["queued"] == 1  # two slots needed, one free
+        for g in pair:
+            g.cancel()
+        first.cancel()
+        gate.release(100)
+        finishes = [await g.wait() for g in (*pair, first)]
+    assert [f.reason for f in finishes] == ["cancelled"] * 3
+    with pytest.raises(BadRequest):
+        async with running(ScriptedBackend([b"x"]), parallel=2) as engine:
+            engine.submit_choices(GenerationRequest(engine.tokenize("p", True), GREEDY), 3)
+
+
+async def test_grammar_refusal_masks_the_row() -> None:
+    """The sampler's choice (the script token) is refused: the grammar masks the row and
+    the token it allows is sampled instead; the grammar sees every accepted token."""
+    backend = GrammarBackend([b"no"], allowed={BYTE0 + ord("y")})
+    async with running(backend) as engine:
+        gen = engine.submit(GenerationRequest(engine.tokenize("q", True),
+                                              SamplingParams(temperature=0, n_predict=3),
+                                              grammar="root ::= x"))
+        pieces, finish = await collect(gen)
+        stats = engine.stats()
+    assert finish.text == "yyy" and finish.reason == "length"
+    assert backend.accepted == [BYTE0 + ord("y")] * 3
+    assert stats["grammar_masks"] == 3 and backend.closed_grammars == 1
+
+
+async def test_logprobs_come_with_the_tokens() -> None:
+    backend = ScriptedBackend([b"a", b"b"])
+    async with running(backend) as engine:
+        gen = engine.submit(GenerationRequest(engine.tokenize("q", True),
+                                              SamplingParams(temperature=0, n_probs=2)))
+        await collect(gen)
+    entries = gen.take_logprobs()
+    assert [e.piece for e in entries] == [b"a", b"b", b""]  # the last one is EOG
+    assert all(e.logprob == pytest.approx(0.0, abs=1e-6) and len(e.top) == 2
+               for e in entries)
+    assert gen.take_logprobs() == []
+
+
 # ---------------------------------------------------------------- the real model
 
 PROMPTS = [

@@ -325,6 +325,9 @@ class CompletionService:
         engine = self.engine()
         limits = Limits(self.settings.config, engine.parallel, engine.backend.n_vocab)
         request = parse_request(kind, body, limits, json_grammar)
+        if request.grammar is not None and not hasattr(engine.backend, "grammar"):
+            raise BadRequest("this model backend cannot constrain its output",
+                             param="response_format")
         self.check_model(request.model)
         return request
 
