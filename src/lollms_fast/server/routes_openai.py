@@ -241,8 +241,10 @@ async def _stream(request: web.Request, completion: Completion) -> web.StreamRes
             await response.write(frames.chunk([], completion.usage(), with_usage=True))
         await response.write(DONE)
         await response.write_eof()
-    except (ConnectionError, asyncio.CancelledError):
-        completion.cancel()  # the client went away
+    except ConnectionError:  # the client went away: nobody is left to answer
+        completion.cancel()
+    except asyncio.CancelledError:
+        completion.cancel()
         raise
     return response
 
