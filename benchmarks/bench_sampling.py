@@ -8,6 +8,12 @@ not need to: its penalty edits llama.cpp's row in place) and samples it. Both ac
 they draw. Rounds are interleaved (A B A B) after a warm-up; the check compares the two
 distributions of drawn tokens.
 
+Two more rows, interleaved in the same rounds, cost what the OpenAI-style options add: our
+sampler with presence and frequency penalties (PENALTIES) and four logit_bias entries (the
+row's three best tokens banned with -100, the tenth best nudged by +1.5), and
+`top_logprobs(row, token, 5)` on the row our sampler penalised (what the engine does for a
+request asking for logprobs: one log-softmax over the whole row).
+
     python benchmarks/bench_sampling.py [--model PATH] [--rounds 7] [--calls 300] [--json OUT]
 """
 
@@ -29,6 +35,7 @@ from table import Table, write_json
 from lollms_fast._native import USING_EXTENSIONS, sampling
 
 PARAMS = dict(temperature=0.9, top_k=50, top_p=0.95, repeat_penalty=1.2, repeat_last_n=40)
+PENALTIES = dict(presence_penalty=0.6, frequency_penalty=0.3)
 
 
 def default_model() -> Path:
@@ -68,6 +75,10 @@ def main() -> None:
     ours = sampling.Sampler(seed=1234, **PARAMS)
     ours.accept_many(history)
     theirs = llama_chain(raw.n_vocab, history, 1234)
+    best10 = [int(t) for t in np.argsort(-row, kind="stable")[:10]]
+    bias = {**{t: -100.0 for t in best10[:3]}, best10[9]: 1.5}
+    extra = sampling.Sampler(seed=1234, **PARAMS, **PENALTIES, logit_bias=bias)
+    extra.accept_many(history)
     scratch = np.empty_like(row)
 
     def run_ours(n: int, draws: list[int]) -> float:
@@ -77,6 +88,24 @@ def main() -> None:
             token = ours.sample(scratch)
             ours.accept(token)
             draws.append(token)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def run_extra(n: int, draws: list[int]) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            np.copyto(scratch, row)
+            token = extra.sample(scratch)
+            extra.accept(token)
+            draws.append(token)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    penalised = row.copy()
+    last = extra.sample(penalised)  # a row as the engine passes it: penalised, then sampled
+
+    def run_logprobs(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            sampling.top_logprobs(penalised, last, 5)
         return (time.perf_counter() - t0) / n * 1e6
 
     def run_theirs(n: int, draws: list[int]) -> float:
@@ -90,13 +119,21 @@ def main() -> None:
     a = table.row("llama.cpp sampler chain", "us/call", higher_is_better=False)
     b = table.row("lollms_fast native Sampler", "us/call", reference=a.name,
                   higher_is_better=False)
+    c = table.row("+ presence/freq penalty, 4 biases", "us/call", reference=b.name,
+                  higher_is_better=False)
+    d = table.row("top_logprobs(n=5), whole row", "us/call", higher_is_better=False)
     draws_a: list[int] = []
     draws_b: list[int] = []
+    draws_c: list[int] = []
     run_theirs(30, [])
     run_ours(30, [])
+    run_extra(30, [])
+    run_logprobs(30)
     for _ in range(args.rounds):
         a.samples.append(run_theirs(args.calls, draws_a))
         b.samples.append(run_ours(args.calls, draws_b))
+        c.samples.append(run_extra(args.calls, draws_c))
+        d.samples.append(run_logprobs(args.calls))
 
     # correctness: both draw from the same head of the same distribution (the penalty can
     # push at most repeat_last_n tokens out of the top k, hence the wider set)
@@ -107,10 +144,16 @@ def main() -> None:
     table.checks[f"every draw among the row's top {width}"] = set(ca) | set(cb) <= top
     table.checks["total variation between the two draw distributions"] = round(tv, 3)
     table.checks["distinct tokens drawn (llama.cpp, ours)"] = (len(ca), len(cb))
+    banned = set(best10[:3])
+    table.checks["no banned token drawn with the biases"] = not banned & set(draws_c)
+    logprob, best = sampling.top_logprobs(penalised, last, 5)
+    table.checks["top_logprobs: the sampled token's, the best"] = (
+        round(logprob, 4), best[0][0], round(best[0][1], 4))
     table.print()
-    ok = set(ca) | set(cb) <= top and tv < 0.1
+    ok = set(ca) | set(cb) <= top and tv < 0.1 and not banned & set(draws_c)
     print("correctness:", "OK" if ok else "FAILED")
-    write_json(args.json, [table], {"params": PARAMS, "rounds": args.rounds,
+    write_json(args.json, [table], {"params": PARAMS, "penalties": PENALTIES,
+                                    "logit_bias": bias, "rounds": args.rounds,
                                     "calls": args.calls, "n_threads": 2})
     C.llama_sampler_free(theirs)
     raw.close()

@@ -3,11 +3,18 @@
 
 The algorithm and its exact floating-point order are documented in sampling_py.py; both
 twins must return the same token for the same inputs (tests/test_sampling.py checks it).
-The work runs without the GIL on the row in place: the only writes are the repeat penalty's.
+The work runs without the GIL on the row in place: the only writes are the logit bias's and
+the penalties'.
+
+Bit equality with the twin assumes the C compiler does not contract a multiply and an add
+into one fused instruction (the default x86-64 target has no FMA); a build for an FMA target
+with contraction on may differ from the twin in the last bit of a penalised logit.
 """
 
-from libc.math cimport exp
-from libc.stdint cimport int32_t, uint64_t
+from operator import index
+
+from libc.math cimport exp, log
+from libc.stdint cimport INT32_MAX, int32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 
 
@@ -142,6 +149,42 @@ cpdef int greedy(const float[::1] logits) noexcept nogil:
     return <int>_argmax(&logits[0], n)
 
 
+def top_logprobs(const float[::1] logits, token, n):
+    """Log-softmax (temperature 1) of the row as given: (logprob of `token`, the `n` best
+    (token id, logprob) pairs by logit descending then id ascending). The row is not
+    modified."""
+    cdef Py_ssize_t size = logits.shape[0], t, k, i
+    cdef const float* x
+    cdef Cand* cand = NULL
+    cdef double top, total = 0.0, log_total
+    token, n = index(token), index(n)
+    if not 0 <= token < size:
+        raise IndexError(f"token {token} is outside the row of {size} logits")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, not {n}")
+    t = token
+    k = n if n < size else size
+    if k > 0:
+        cand = <Cand*>malloc(k * sizeof(Cand))
+        if cand == NULL:
+            raise MemoryError()
+    x = &logits[0]
+    with nogil:
+        top = x[_argmax(x, size)]
+        for i in range(size):
+            total += exp(<double>x[i] - top)
+        if k > 0:
+            _select_top(x, size, k, cand)
+    log_total = log(total)
+    best = []
+    try:
+        for i in range(k):
+            best.append((<int>cand[i].id, (<double>cand[i].logit - top) - log_total))
+    finally:
+        free(cand)
+    return (<double>x[t] - top) - log_total, best
+
+
 cdef class Sampler:
     """One slot's sampler: parameters, the recent-token window and the RNG stream."""
 
@@ -150,6 +193,11 @@ cdef class Sampler:
     cdef readonly double top_p
     cdef readonly float repeat_penalty
     cdef readonly int repeat_last_n
+    cdef readonly float presence_penalty
+    cdef readonly float frequency_penalty
+    cdef int32_t* _bias_ids
+    cdef float* _bias_values
+    cdef Py_ssize_t _n_bias
     cdef int32_t* _ring
     cdef int32_t* _scratch
     cdef Py_ssize_t _ring_len
@@ -159,11 +207,32 @@ cdef class Sampler:
     cdef uint64_t _state
 
     def __cinit__(self, double temperature=0.0, int top_k=40, double top_p=0.95,
-                  float repeat_penalty=1.0, int repeat_last_n=64, seed=0):
+                  float repeat_penalty=1.0, int repeat_last_n=64, seed=0, *,
+                  float presence_penalty=0.0, float frequency_penalty=0.0, logit_bias=None):
+        cdef Py_ssize_t j = 0
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
         self.repeat_penalty = repeat_penalty
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+        # dict(): a mapping or (id, bias) pairs, the last pair for an id wins; ids no row
+        # can have are dropped here, ids beyond the row's length are skipped when sampling
+        bias = []
+        for key, value in dict(logit_bias or {}).items():
+            t = index(key)
+            if 0 <= t <= INT32_MAX:
+                bias.append((t, float(value)))
+        if bias:
+            self._bias_ids = <int32_t*>malloc(len(bias) * sizeof(int32_t))
+            self._bias_values = <float*>malloc(len(bias) * sizeof(float))
+            if self._bias_ids == NULL or self._bias_values == NULL:
+                raise MemoryError()
+            for t, b in bias:
+                self._bias_ids[j] = <int32_t>t
+                self._bias_values[j] = <float>b
+                j += 1
+            self._n_bias = j
         self.repeat_last_n = repeat_last_n if repeat_last_n > 0 else 0
         self._state = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
         if self.repeat_last_n > 0:
@@ -176,6 +245,8 @@ cdef class Sampler:
         free(self._ring)
         free(self._scratch)
         free(self._cand)
+        free(self._bias_ids)
+        free(self._bias_values)
 
     cpdef void accept(self, int token):
         """Record a token (prompt or generated) in the repeat-penalty window."""
@@ -191,7 +262,8 @@ cdef class Sampler:
             self.accept(t)
 
     def sample(self, float[::1] logits):
-        """Pick the next token from a float32 row (modified in place by the penalty)."""
+        """Pick the next token from a float32 row (modified in place by the logit bias and
+        the penalties)."""
         cdef Py_ssize_t n = logits.shape[0]
         cdef int result
         if n == 0:
@@ -222,30 +294,45 @@ cdef class Sampler:
         self._cand_cap = k
         return True
 
+    cdef void _apply_bias(self, float* x, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef int32_t t
+        for i in range(self._n_bias):
+            t = self._bias_ids[i]
+            if t < n:
+                x[t] = x[t] + self._bias_values[i]
+
     cdef void _apply_penalty(self, float* x, Py_ssize_t n) noexcept nogil:
-        cdef Py_ssize_t i, m = self._ring_len
-        cdef int32_t t, prev = -1
+        cdef Py_ssize_t i, j, m = self._ring_len
+        cdef int32_t t
         cdef float v, pen = self.repeat_penalty
-        if m == 0 or pen == 1.0:
+        cdef float freq = self.frequency_penalty, pres = self.presence_penalty
+        if m == 0 or (pen == 1.0 and freq == 0.0 and pres == 0.0):
             return
         for i in range(m):
             self._scratch[i] = self._ring[i]
         qsort(self._scratch, m, sizeof(int32_t), _cmp_int)
-        for i in range(m):
+        # sorted, so each distinct token is a run of equal ids and its count the run's length
+        i = 0
+        while i < m:
             t = self._scratch[i]
-            if t == prev or t < 0 or t >= n:
-                prev = t
-                continue
-            prev = t
-            v = x[t]
-            if v <= 0:
-                x[t] = v * pen
-            else:
-                x[t] = v / pen
+            j = i + 1
+            while j < m and self._scratch[j] == t:
+                j += 1
+            if 0 <= t < n:
+                v = x[t]
+                if v <= 0:
+                    v = v * pen
+                else:
+                    v = v / pen
+                x[t] = v - (<float>(j - i) * freq + pres)
+            i = j
 
     cdef int _sample(self, float* x, Py_ssize_t n) noexcept nogil:
         cdef Py_ssize_t k, m, j, i, cut
         cdef double u, top, total
+        if self._n_bias > 0:
+            self._apply_bias(x, n)
         self._apply_penalty(x, n)
         if self.temperature <= 0.0:
             return <int>_argmax(x, n)
