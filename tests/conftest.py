@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from lollms_fast.config import DEFAULT_MODEL_FILE, Config, load_config
 from lollms_fast.modelfiles import ensure_default_model
@@ -15,6 +16,11 @@ from lollms_fast.modelfiles import ensure_default_model
 REPO = Path(__file__).resolve().parent.parent
 # the assembled default model is kept between runs (it is 250 MB; assembling takes seconds)
 MODEL_CACHE = Path(os.environ.get("LOLLMS_FAST_TEST_MODEL_DIR", REPO / ".cache" / "models"))
+
+# no per-example time limit: a deadline is a timing threshold, and on two shared cores a
+# slow example says nothing about the code (benchmarks judge speed)
+settings.register_profile("lollms_fast", deadline=None)
+settings.load_profile("lollms_fast")
 
 
 @pytest.fixture(scope="session")
