@@ -8,8 +8,11 @@ everything here runs on the engine thread, except `tokenize` (the vocabulary is 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
+import math
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +21,9 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 from llama_cpp import llama_cpp as C
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from ..errors import ModelLoadError, ModelNotReady
+from ..errors import BadRequest, ModelLoadError, ModelNotReady
 from .batch import Batch
 
 log = logging.getLogger(__name__)
@@ -29,12 +33,18 @@ llama_log = logging.getLogger("lollms_fast.llama_cpp")
 # ggml's log levels (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continuation)
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.ERROR}
 _backend_ready = False
+# while a thread sets `errors` to a list, llama.cpp's error lines logged on it are kept there
+# (Backend.grammar puts them in its error message)
+_captured = threading.local()
 
 
 @C.llama_log_callback
 def _log_to_logging(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama-cpp-python's own callback maps the levels wrongly and prints warnings to stderr;
     # llama.cpp's chatter goes to our logger (errors shown, the rest at debug)
+    errors: list[str] | None = getattr(_captured, "errors", None)
+    if errors is not None and level == 4:
+        errors.append(text.decode("utf-8", "replace").strip())
     py_level = _GGML_LEVELS.get(level, logging.DEBUG)
     if llama_log.isEnabledFor(py_level):
         message = text.decode("utf-8", "replace").rstrip()
@@ -117,6 +127,8 @@ class Backend:
         self._bound: Batch | None = None
         self._lbatch = C.llama_batch()
         self._seq_ptrs: ctypes.Array[ctypes.c_void_p] | None = None
+        self._grammars: weakref.WeakSet[Grammar] = weakref.WeakSet()
+        self._candidates: _Candidates | None = None  # the grammars' full-row scratch
 
     def tokenize(self, text: str, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
@@ -261,14 +273,320 @@ class Backend:
                 return None
             return self._fetch_piece(token, special=True).decode("utf-8", "replace")
 
+    # ------------------------------------------------------------------ grammars
+
+    def grammar(self, gbnf: str, root: str = "root") -> Grammar:
+        """A grammar sampler for one generating sequence (GBNF text, start rule `root`);
+        BadRequest if llama.cpp refuses the grammar. May be called from any thread (like
+        `tokenize`, so a request can be refused before it is queued); the Grammar is then
+        used on the engine thread only. The first call also scans the vocabulary for
+        control tokens (`_Candidates`)."""
+        if not gbnf.strip():  # llama.cpp takes an empty grammar as "no constraint at all"
+            raise BadRequest("the grammar is empty")
+        with self._vocab_lock:  # `close` must not free the vocabulary meanwhile
+            if self.model is None:
+                raise ModelNotReady("the model was unloaded (an engine reload); retry")
+            errors: list[str] = []
+            _captured.errors = errors
+            try:
+                sampler = C.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"),
+                                                       root.encode("utf-8"))
+            finally:
+                _captured.errors = None
+            if not sampler:
+                # a syntax error's details go to stderr (llama.cpp prints them itself);
+                # the other refusals (no such start rule, left recursion) come through
+                # its log
+                detail = "; ".join(e for e in errors if e and e != "failed to parse grammar")
+                detail = detail or "a syntax error or an undefined rule"
+                raise BadRequest(f"invalid grammar (start rule {root!r}): {detail}")
+            if self._candidates is None:
+                self._candidates = _Candidates(self)
+            grammar = Grammar(self, sampler, self._candidates)
+            self._grammars.add(grammar)
+            return grammar
+
     def close(self) -> None:
         with self._vocab_lock:
             self._free()
 
     def _free(self) -> None:
+        for grammar in list(self._grammars):  # their samplers point into the vocabulary
+            grammar.close()
         if getattr(self, "ctx", None):
             C.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
             C.llama_model_free(self.model)
             self.model = None
+
+
+# ---------------------------------------------------------------------- grammars
+
+# llama_token_data {int32 id; float logit; float p} as a numpy record
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+
+_apply = C.llama_sampler_apply
+_NEG_INF = -math.inf
+
+
+def _records(n: int) -> tuple[npt.NDArray[np.void], Any]:
+    """n zeroed token-data records and a llama_token_data_array (size n) pointing at them."""
+    records = np.zeros(n, dtype=_TOKEN_DATA)
+    array = C.llama_token_data_array(
+        data=ctypes.cast(records.ctypes.data, C.llama_token_data_p),
+        size=n, selected=-1, sorted=False)
+    return records, array
+
+
+class _Candidates:
+    """What a backend's grammars share (they all run on the engine thread, one call at a
+    time, and a grammar sampler only writes logits): the whole vocabulary as token-data
+    records (ids filled once) for `mask`, a small record array for `allowed`, and which
+    tokens are control tokens.
+
+    A control token (other than end-of-generation) renders as nothing in the answer
+    (`Backend.piece`), but llama.cpp's grammar reads it as its spelled name: inside a JSON
+    string it would accept `<start_of_turn>` as 15 characters of text. The grammars forbid
+    those tokens so that what the grammar checks is the text the client gets. Finding them
+    takes one pass over the vocabulary (about 0.2 s for 262,144 tokens), on first use."""
+
+    def __init__(self, backend: Backend) -> None:
+        n = backend.n_vocab
+        self.records, self.array = _records(n)
+        self.records["id"] = np.arange(n, dtype=np.int32)
+        self.logit = self.records["logit"]  # a strided float32 view
+        self.ref = ctypes.byref(self.array)
+        self.subset, self.subset_array = _records(256)
+        vocab = backend.vocab
+        blocked = np.fromiter((C.llama_vocab_is_control(vocab, t) for t in range(n)),
+                              dtype=np.bool_, count=n)
+        for t in np.flatnonzero(blocked).tolist():
+            if backend.is_eog(t):
+                blocked[t] = False
+        self.blocked = blocked
+        self.blocked_ids = np.flatnonzero(blocked)
+
+    def subset_records(self, n: int) -> npt.NDArray[np.void]:
+        if n > len(self.subset):
+            self.subset, self.subset_array = _records(max(n, 2 * len(self.subset)))
+        self.subset_array.size = n
+        return self.subset
+
+
+class Grammar:
+    """llama.cpp's grammar sampler for one generating sequence (made by `Backend.grammar`).
+
+    Engine thread only. The usual step: sample from the raw row; if `allows(token)` says
+    no, restrict the row (`mask_top` for a sampler that keeps its top k, else `mask`) and
+    sample again; then `accept(token)`. End-of-generation tokens are allowed only where the
+    grammar may end, and once it must end they are the only tokens allowed.
+    """
+
+    def __init__(self, backend: Backend, sampler: Any, candidates: _Candidates) -> None:
+        self._backend = backend
+        self._sampler: Any = sampler
+        self._candidates = candidates
+        self._blocked = candidates.blocked
+        self._n_vocab = backend.n_vocab
+        # a one-token candidate array for `allows`
+        self._one: Any = C.llama_token_data(id=0, logit=0.0, p=0.0)
+        self._one_array = C.llama_token_data_array(
+            data=ctypes.pointer(self._one), size=1, selected=-1, sorted=False)
+        self._one_ref = ctypes.byref(self._one_array)
+        self._allowed = -1  # the last token `allows` said yes to (since the last accept)
+
+    def _live(self) -> Any:
+        sampler = self._sampler
+        if sampler is None:
+            if self._backend.model is None:
+                raise ModelNotReady("the model was unloaded (an engine reload); retry")
+            raise ValueError("the grammar was closed")
+        return sampler
+
+    def allows(self, token: int) -> bool:
+        """May `token` come next? (the grammar sampler on a one-token candidate array)"""
+        sampler = self._live()
+        if not 0 <= token < self._n_vocab:  # llama.cpp would throw (and abort) on it
+            raise ValueError(f"token {token} is outside the vocabulary")
+        if self._blocked[token]:
+            return False
+        one = self._one
+        one.id = token
+        one.logit = 0.0
+        _apply(sampler, self._one_ref)
+        if one.logit == _NEG_INF:
+            return False
+        self._allowed = token
+        return True
+
+    def allowed(self, tokens: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which of `tokens` may come next (one grammar call for all of them): cheaper than
+        `mask` when the sampler only looks at its top candidates anyway."""
+        sampler = self._live()
+        ids = np.asarray(tokens, dtype=np.int32).ravel()
+        n = len(ids)
+        if n == 0:
+            return np.zeros(0, dtype=np.bool_)
+        if int(ids.min()) < 0 or int(ids.max()) >= self._n_vocab:
+            raise ValueError("a token is outside the vocabulary")
+        c = self._candidates
+        records = c.subset_records(n)
+        records["id"][:n] = ids
+        records["logit"][:n] = 0.0
+        _apply(sampler, ctypes.byref(c.subset_array))
+        ok: npt.NDArray[np.bool_] = records["logit"][:n] != _NEG_INF
+        ok &= ~self._blocked[ids]
+        return ok
+
+    def mask(self, logits: npt.NDArray[np.float32]) -> None:
+        """Set every token the grammar forbids next to -inf in `logits` (a whole float32
+        row, edited in place). This checks every token of the vocabulary: about 0.1 s for
+        262,144 tokens, more inside a string (see benchmarks/bench_grammar.py)."""
+        sampler = self._live()
+        c = self._candidates
+        if logits.shape != c.logit.shape:
+            raise ValueError(f"a logits row of {c.logit.shape[0]} entries is expected, "
+                             f"got shape {logits.shape}")
+        np.copyto(c.logit, logits)
+        _apply(sampler, c.ref)
+        np.copyto(logits, c.logit)
+        logits[c.blocked_ids] = _NEG_INF
+
+    def mask_top(self, logits: npt.NDArray[np.float32], k: int) -> None:
+        """Keep the `k` best tokens the grammar allows (fewer if fewer exist) with their
+        logits and set every other entry of the row to -inf, in place.
+
+        For a sampler that only draws from its top `k` candidates (greedy: k = 1) this
+        gives the same candidates as `mask`, usually for the price of one argpartition and
+        one grammar call on a few dozen tokens: the best candidates are checked first, in
+        widening rounds, and the whole row is masked only when too few of them pass."""
+        c = self._candidates
+        if logits.shape != c.logit.shape:
+            raise ValueError(f"a logits row of {c.logit.shape[0]} entries is expected, "
+                             f"got shape {logits.shape}")
+        n = len(logits)
+        k = max(1, k)
+        m = max(64, 4 * k)
+        while m < n // 4:
+            top = np.argpartition(logits, n - m)[n - m:]
+            ok = self.allowed(top)
+            if int(ok.sum()) >= k:
+                keep = top[ok]
+                if len(keep) > k:
+                    keep = keep[np.argpartition(logits[keep], len(keep) - k)[len(keep) - k:]]
+                values = logits[keep]
+                logits.fill(_NEG_INF)
+                logits[keep] = values
+                return
+            m *= 16
+        self.mask(logits)
+        if k < n:
+            allowed = np.flatnonzero(np.isfinite(logits))
+            if len(allowed) > k:
+                drop = np.argpartition(logits[allowed], len(allowed) - k)[:len(allowed) - k]
+                logits[allowed[drop]] = _NEG_INF
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar past `token`. A token the grammar forbids raises ValueError
+        (llama.cpp would abort the whole process on it)."""
+        sampler = self._live()
+        if token != self._allowed and not self.allows(token):
+            raise ValueError(f"token {token} is not allowed by the grammar here")
+        self._allowed = -1
+        C.llama_sampler_accept(sampler, token)
+
+    def close(self) -> None:
+        """Free the sampler (idempotent; the backend's close frees its grammars first)."""
+        sampler, self._sampler = self._sampler, None
+        if sampler:
+            C.llama_sampler_free(sampler)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
+
+
+# Any JSON object, for OpenAI's response_format {"type": "json_object"}. The answer starts
+# with "{" and ends with its matching "}" (nothing before, nothing after). Whitespace between
+# tokens is at most one space, or one line break and up to 16 spaces or tabs, so the model
+# cannot run on in blanks; numbers have at most 16 digits before and after the point.
+JSON_OBJECT_GBNF = r"""
+root   ::= object
+object ::= "{" ws ( member ( "," ws member )* )? "}"
+member ::= string ws ":" ws value ws
+array  ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+value  ::= object | array | string | number | "true" | "false" | "null"
+string ::= "\"" char* "\""
+char   ::= [^"\\\x00-\x1F\x7F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )
+number ::= "-"? ( "0" | [1-9] [0-9]{0,15} ) ( "." [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?
+ws     ::= ( " " | "\n" [ \t]{0,16} )?
+"""
+
+# The converter's rules for one character of a JSON string, and for "." in a `pattern`,
+# let raw control characters (a line break, a tab) into strings, and "." even lets in a
+# quote or a backslash: json.loads refuses the result. These replace them.
+_STRICT_RULES = {
+    "char": r'[^"\\\x00-\x1F\x7F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )',
+    "dot": r'[^"\\\x00-\x1F\x7F]',
+}
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for a JSON answer: any object when `schema` is None (response_format
+    json_object), else text that matches the JSON schema (json_schema).
+
+    Schemas are converted by llama-cpp-python's own converter,
+    `llama_cpp.llama_grammar.json_schema_to_gbnf` (a port of llama.cpp's
+    json-schema-to-grammar.py), with its string-character rules made strict (see
+    `_STRICT_RULES`). It handles: type (also a list of types), properties, required (the
+    other properties are optional; they come in the schema's order), additionalProperties
+    (extra keys only when it is true or a schema), nested objects and arrays, items,
+    prefixItems, minItems, maxItems, enum, const, anyOf, oneOf (as anyOf), allOf (of
+    objects), local $ref ("#/..."), minLength, maxLength, pattern ("^...$"), and the string
+    formats date, time, date-time and uuid. It ignores, without an error: minimum, maximum,
+    exclusiveMinimum/Maximum, multipleOf, uniqueItems, min/maxProperties, patternProperties,
+    not, if/then/else, and other string formats (email, uri...). What it cannot convert
+    (an unknown type, a remote or malformed $ref, a pattern without ^ and $) raises
+    BadRequest.
+    """
+    if schema is None:
+        return JSON_OBJECT_GBNF
+    if not isinstance(schema, dict):
+        raise BadRequest("a JSON schema must be a JSON object")
+    _check_refs(schema)
+    try:
+        gbnf = str(json_schema_to_gbnf(json.dumps(schema)))
+    except RecursionError as e:
+        raise BadRequest("the JSON schema is nested too deeply") from e
+    except Exception as e:  # the converter validates with asserts and lookups
+        detail = (str(e) or type(e).__name__).replace("stdin#/", "#/")  # its base URL
+        if len(detail) > 200:
+            detail = detail[:200] + "..."
+        raise BadRequest(f"unsupported JSON schema: {detail}") from e
+    lines = gbnf.split("\n")
+    for i, line in enumerate(lines):
+        name, sep, _rule = line.partition(" ::= ")
+        if sep and name in _STRICT_RULES:
+            lines[i] = f"{name} ::= {_STRICT_RULES[name]}"
+    return "\n".join(lines) + "\n"
+
+
+def _check_refs(node: Any, depth: int = 0) -> None:
+    """Only local references: the converter would fetch an https $ref over the network
+    when Python runs with -O (its refusal is an assert)."""
+    if depth > 200:
+        raise BadRequest("the JSON schema is nested too deeply")
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if ref is not None and not (isinstance(ref, str) and ref.startswith("#/")):
+            raise BadRequest(f"unsupported JSON schema: only local references ('#/...') are "
+                             f"supported, not $ref {str(ref)[:100]!r}")
+        for value in node.values():
+            _check_refs(value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            _check_refs(value, depth + 1)
