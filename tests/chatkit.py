@@ -135,15 +135,16 @@ def install_counter_personality(data_dir: Path) -> None:
 
 
 @contextmanager
-def server_process(data_dir: Path, model: Path, *args: str,
-                   timeout: float = 120) -> Iterator[str]:
+def server_process(data_dir: Path, model: Path, *args: str, timeout: float = 120,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
     """`python -m lollms_fast serve` as a child process on a free loopback port, with no
-    LOLLMS_* variable of the test's environment; yields its base URL once `/health` says
-    the model is loaded, and kills it at the end. `args`: more serve flags. Its log goes to
-    a temporary file (a pipe nobody reads could fill up and block it), shown if it fails
-    to start."""
+    LOLLMS_* variable of the test's environment (only those of `env`); yields its base URL
+    once `/health` says the model is loaded, and kills it at the end. `args`: more serve
+    flags. Its log goes to a temporary file (a pipe nobody reads could fill up and block
+    it), shown if it fails to start."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOLLMS_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOLLMS_")},
+           **(env or {})}
     cmd = [sys.executable, "-m", "lollms_fast", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data_dir), "--model", str(model), *args]
     with tempfile.TemporaryFile() as log:

@@ -190,6 +190,7 @@ class GrammarBackend(ScriptedBackend):
         super().__init__(script)
         self.allowed = allowed
         self.accepted: list[int] = []
+        self.mask_calls: list[tuple[int, bool]] = []
         self.closed_grammars = 0
 
     def grammar(self, gbnf: str) -> Any:
@@ -205,7 +206,13 @@ class GrammarBackend(ScriptedBackend):
                 logits[:] = -np.inf
                 logits[keep] = saved
 
-            def accept(self, token: int) -> None:
+            def mask_top(self, logits: Any, k: int, exact: bool = True) -> None:
+                backend.mask_calls.append((k, exact))
+                self.mask(logits)
+
+            def accept(self, token: int) -> None:  # as the real one: refused tokens raise
+                if token not in backend.allowed:
+                    raise ValueError(f"token {token} is not allowed by the grammar here")
                 backend.accepted.append(token)
 
             def close(self) -> None:
@@ -276,6 +283,20 @@ async def test_grammar_refusal_masks_the_row() -> None:
     assert finish.text == "yyy" and finish.reason == "length"
     assert backend.accepted == [BYTE0 + ord("y")] * 3
     assert stats["grammar_masks"] == 3 and backend.closed_grammars == 1
+    assert backend.mask_calls == [(1, True)] * 3  # greedy: the best allowed token, exactly
+
+
+async def test_a_grammar_dead_end_fails_only_its_request() -> None:
+    backend = GrammarBackend([b"ok"], allowed=set())  # nothing is ever allowed
+    async with running(backend) as engine:
+        stuck = engine.submit(GenerationRequest(engine.tokenize("q", True),
+                                                SamplingParams(temperature=0.5, top_k=5),
+                                                grammar="root ::= x"))
+        free = ask(engine, "q")
+        (_, bad), (_, good) = await collect(stuck), await collect(free)
+    assert bad.reason == "error" and "grammar" in (bad.error or "")
+    assert good.text == "ok" and good.reason == "stop"
+    assert backend.mask_calls == [(5, False)]
 
 
 async def test_logprobs_come_with_the_tokens() -> None:

@@ -18,8 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatkit import COUNT_PROMPT, Browser
-from serverkit import LiveServer
+from chatkit import COUNT_PROMPT, Browser, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -30,22 +29,20 @@ COUNTING = "Count from one to fifty in words, separated by commas: one, two, thr
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path
-           ) -> Iterator[LiveServer]:
+           ) -> Iterator[str]:
+    """The base URL of a real server (with a key, strict model names, one listed origin)."""
     data = tmp_path_factory.mktemp("openai") / "data"
     data.mkdir()
-    live = LiveServer(data, default_model_path, "--parallel", "4", "--ctx-size", "2048",
-                      env={"LOLLMS_API_KEY": KEY, "LOLLMS_STRICT_MODEL_NAMES": "true",
-                           "LOLLMS_ALLOWED_ORIGINS": "http://app.example",
-                           "LOLLMS_N_PREDICT": str(N_PREDICT)})
-    try:
-        yield live.wait_ready()
-    finally:
-        live.stop()
+    with server_process(data, default_model_path, "--parallel", "4", "--ctx-size", "2048",
+                        env={"LOLLMS_API_KEY": KEY, "LOLLMS_STRICT_MODEL_NAMES": "true",
+                             "LOLLMS_ALLOWED_ORIGINS": "http://app.example",
+                             "LOLLMS_N_PREDICT": str(N_PREDICT)}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0,
+def client(server: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0,
                        timeout=120) as c:
         yield c
 
@@ -55,10 +52,10 @@ def model(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
 
 
-def metrics(server: LiveServer) -> dict[str, float]:
+def metrics(server: str) -> dict[str, float]:
     import urllib.request
 
-    req = urllib.request.Request(server.url + "/metrics", headers={"X-API-Key": KEY})
+    req = urllib.request.Request(server + "/metrics", headers={"X-API-Key": KEY})
     with urllib.request.urlopen(req) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
@@ -128,9 +125,9 @@ def test_chat_list_content_and_a_typed_control_token(client: openai.OpenAI, mode
     assert prompt_tokens("a<end_of_turn>b") > prompt_tokens("a b") + 1
 
 
-async def test_async_chat_stream_and_n_choices(server: LiveServer, model: str) -> None:
+async def test_async_chat_stream_and_n_choices(server: str, model: str) -> None:
     before = metrics(server)
-    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY,
+    async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY,
                                   max_retries=0) as aclient:
         stream = await aclient.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "Tell me about cats. " * 20}],
@@ -240,12 +237,24 @@ SCHEMAS: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("schema", SCHEMAS, ids=["flat", "enum-array", "nested"])
+# an example answer in the prompt: without one the 270M model rarely closes the object
+EXAMPLES: list[dict[str, Any]] = [
+    {"name": "Rex", "age": 3},
+    {"colour": "red", "tags": ["small"]},
+    {"pet": {"kind": "cat", "legs": 4}, "ok": True},
+]
+
+
+@pytest.mark.parametrize(("schema", "example"), list(zip(SCHEMAS, EXAMPLES, strict=True)),
+                         ids=["flat", "enum-array", "nested"])
 def test_json_schema_output_validates(client: openai.OpenAI, model: str,
-                                      schema: dict[str, Any]) -> None:
+                                      schema: dict[str, Any], example: dict[str, Any]
+                                      ) -> None:
+    jsonschema.validate(example, schema)
     r = client.chat.completions.create(
         model=model, temperature=0.7, seed=3, max_tokens=160,
-        messages=[{"role": "user", "content": "Describe a pet as JSON."}],
+        messages=[{"role": "user", "content": "Describe a pet as JSON, for example "
+                                              + json.dumps(example) + "."}],
         response_format={"type": "json_schema",
                          "json_schema": {"name": "answer", "schema": schema}})
     text = r.choices[0].message.content or ""
@@ -256,15 +265,17 @@ def test_json_schema_output_validates(client: openai.OpenAI, model: str,
 def test_json_object_output_parses(client: openai.OpenAI, model: str) -> None:
     r = client.chat.completions.create(
         model=model, temperature=0, max_tokens=120,
-        messages=[{"role": "user", "content": "Give a JSON object with a city and its "
-                                              "country."}],
+        messages=[{"role": "user", "content": 'Give a JSON object with a city and its '
+                                              'country, like {"city": "Rome", "country": '
+                                              '"Italy"}.'}],
         response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
 
 
 # ---------------------------------------------------------------------- errors
 
-def test_error_shapes(server: LiveServer, client: openai.OpenAI, model: str) -> None:
+def test_error_shapes(server: str, client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=model, messages=[{"role": "user",
                                                                "content": "hi"}],
@@ -273,7 +284,7 @@ def test_error_shapes(server: LiveServer, client: openai.OpenAI, model: str) -> 
     assert bad.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     assert bad.value.body["param"] == "temperature"  # type: ignore[index]
 
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as c:
+    with openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0) as c:
         with pytest.raises(openai.AuthenticationError) as auth:
             c.models.list()
     assert auth.value.body["type"] == "authentication_error"  # type: ignore[index]
@@ -306,9 +317,9 @@ def test_error_shapes(server: LiveServer, client: openai.OpenAI, model: str) -> 
         assert err.value.body["param"].startswith(param), body  # type: ignore[index]
 
 
-async def test_raw_errors_and_cors(server: LiveServer, model: str) -> None:
+async def test_raw_errors_and_cors(server: str, model: str) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
-    async with aiohttp.ClientSession(server.url) as http:
+    async with aiohttp.ClientSession(server) as http:
         async with http.post("/v1/chat/completions", data="{not json",
                              headers={**auth, "Content-Type": "application/json"}) as resp:
             body = await resp.json()
@@ -345,9 +356,9 @@ def _frames(raw: bytes) -> list[bytes]:
     return [f[6:] for f in frames]
 
 
-async def test_raw_sse_framing(server: LiveServer, model: str) -> None:
+async def test_raw_sse_framing(server: str, model: str) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
-    async with aiohttp.ClientSession(server.url) as http:
+    async with aiohttp.ClientSession(server) as http:
         async with http.post("/v1/chat/completions", headers=headers, json={
                 "model": model, "messages": [{"role": "user", "content": COUNTING}],
                 "temperature": 0, "max_tokens": 10, "stream": True,
@@ -371,7 +382,7 @@ async def test_raw_sse_framing(server: LiveServer, model: str) -> None:
     assert finish["choices"][0]["delta"] == {}
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
 
-    async with aiohttp.ClientSession(server.url) as http:
+    async with aiohttp.ClientSession(server) as http:
         async with http.post("/v1/completions", headers=headers, json={
                 "model": model, "prompt": "1, 2, 3,", "temperature": 0, "max_tokens": 5,
                 "stream": True}) as resp:
@@ -386,14 +397,14 @@ async def test_raw_sse_framing(server: LiveServer, model: str) -> None:
 
 # ---------------------------------------------------------------------- disconnect, batch
 
-def _busy(server: LiveServer) -> float:
+def _busy(server: str) -> float:
     m = metrics(server)
     return m["lollms_slots{state=generating}"] + m["lollms_slots{state=prompt}"]
 
 
-async def test_disconnect_cancels_the_generation(server: LiveServer, model: str) -> None:
+async def test_disconnect_cancels_the_generation(server: str, model: str) -> None:
     before = metrics(server)["lollms_requests_total{finish_reason=cancelled}"]
-    async with aiohttp.ClientSession(server.url) as http:
+    async with aiohttp.ClientSession(server) as http:
         resp = await http.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                                json={"model": model, "prompt": COUNTING, "temperature": 0,
                                      "max_tokens": 1500, "stream": True})
@@ -407,7 +418,7 @@ async def test_disconnect_cancels_the_generation(server: LiveServer, model: str)
     assert metrics(server)["lollms_requests_total{finish_reason=cancelled}"] == before + 1
 
     # the same for an answer that is not streamed (nothing is written until the end)
-    async with aiohttp.ClientSession(server.url) as http:
+    async with aiohttp.ClientSession(server) as http:
         task = asyncio.ensure_future(http.post(
             "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
             json={"model": model, "prompt": COUNTING, "temperature": 0, "max_tokens": 1500}))
@@ -422,14 +433,14 @@ async def test_disconnect_cancels_the_generation(server: LiveServer, model: str)
     assert metrics(server)["lollms_requests_total{finish_reason=cancelled}"] == before + 2
 
 
-async def test_socketio_and_v1_share_the_batch(server: LiveServer, model: str) -> None:
+async def test_socketio_and_v1_share_the_batch(server: str, model: str) -> None:
     """A Socket.IO answer and a /v1 answer at the same time: the engine decodes them in the
     same steps, so there are fewer decode calls than tokens generated (one after the other
     there would be at least as many)."""
-    browser = await Browser.open(server.url, delta=True, api_key=KEY)
+    browser = await Browser.open(server, delta=True, api_key=KEY)
     before = metrics(server)
     try:
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY,
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY,
                                       max_retries=0) as aclient:
             lollms = asyncio.ensure_future(browser.generate(COUNT_PROMPT))
             await asyncio.wait_for(browser.first_message.wait(), 60)

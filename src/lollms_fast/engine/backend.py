@@ -454,14 +454,20 @@ class Grammar:
         np.copyto(logits, c.logit)
         logits[c.blocked_ids] = _NEG_INF
 
-    def mask_top(self, logits: npt.NDArray[np.float32], k: int) -> None:
+    def mask_top(self, logits: npt.NDArray[np.float32], k: int, exact: bool = True) -> None:
         """Keep the `k` best tokens the grammar allows (fewer if fewer exist) with their
         logits and set every other entry of the row to -inf, in place.
 
         For a sampler that only draws from its top `k` candidates (greedy: k = 1) this
         gives the same candidates as `mask`, usually for the price of one argpartition and
         one grammar call on a few dozen tokens: the best candidates are checked first, in
-        widening rounds, and the whole row is masked only when too few of them pass."""
+        widening rounds, and the whole row is masked only when too few of them pass.
+
+        `exact=False` never masks the whole row (tens of milliseconds, which would stall
+        every slot of the batch) when the widest round found at least one allowed token:
+        the candidates are then the allowed ones among the 16,384 most likely tokens (at a
+        structural position with fewer than `k` allowed tokens, those past that rank have
+        a negligible share of the probability)."""
         c = self._candidates
         if logits.shape != c.logit.shape:
             raise ValueError(f"a logits row of {c.logit.shape[0]} entries is expected, "
@@ -472,7 +478,8 @@ class Grammar:
         while m < n // 4:
             top = np.argpartition(logits, n - m)[n - m:]
             ok = self.allowed(top)
-            if int(ok.sum()) >= k:
+            found = int(ok.sum())
+            if found >= k or (not exact and found and m * 16 >= n // 4):
                 keep = top[ok]
                 if len(keep) > k:
                     keep = keep[np.argpartition(logits[keep], len(keep) - k)[len(keep) - k:]]

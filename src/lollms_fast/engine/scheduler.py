@@ -76,6 +76,9 @@ class Finish:
 
 # a stored prefix is restored when it saves at least this many tokens over the slot's own
 RESTORE_GAIN = 32
+# a grammar that refuses the sampled token leaves at most this many candidates when the
+# request samples without top-k (masking the whole vocabulary costs tens of milliseconds)
+GRAMMAR_CANDIDATES = 256
 
 
 class TokenSampler(Protocol):
@@ -92,6 +95,9 @@ class GrammarMatcher(Protocol):
     def allows(self, token: int) -> bool: ...
 
     def mask(self, logits: npt.NDArray[np.float32]) -> None: ...
+
+    def mask_top(self, logits: npt.NDArray[np.float32], k: int, exact: bool = True
+                 ) -> None: ...
 
     def accept(self, token: int) -> None: ...
 
@@ -595,17 +601,11 @@ class Engine:
         if grammar is None:
             token = slot.sampler.sample(row)
         else:
-            # the fast path: sample freely, ask the grammar about that one token; only when
-            # it is refused does the grammar filter the whole row (from an unpenalised copy)
-            scratch = self._scratch_row(row)
-            token = slot.sampler.sample(row)
-            if not grammar.allows(token):
-                grammar.mask(scratch)
-                row = scratch
-                token = slot.sampler.sample(row)
-                self._totals["grammar_masks"] += 1
-                self.metrics.grammar_masked()
-            grammar.accept(token)
+            try:
+                token, row = self._sample_constrained(slot, grammar, row)
+            except Exception as exc:  # a dead end of the grammar: this request fails alone
+                self._end(slot, FinishReason.ERROR, f"grammar sampling failed: {exc}")
+                return
         slot.sampler.accept(token)
         if slot.gen.request.params.n_probs >= 0:
             self._logprob(slot, row, token)
@@ -635,6 +635,32 @@ class Engine:
         else:
             slot.next_token = token
             slot.state = SlotState.GENERATING
+
+    def _sample_constrained(self, slot: _Slot, grammar: GrammarMatcher,
+                            row: npt.NDArray[np.float32]
+                            ) -> tuple[int, npt.NDArray[np.float32]]:
+        """The fast path: sample freely and ask the grammar about that one token. Only when
+        it is refused does the grammar filter the row (a copy taken before sampling edited
+        it): the best allowed candidates the sampler can draw from (greedy: the best one;
+        top-k: the k best; without top-k: the allowed ones among the most likely 16,384),
+        then the sampler draws again. Returns the token and the row it came from."""
+        assert slot.sampler is not None and slot.gen is not None
+        scratch = self._scratch_row(row)
+        token = slot.sampler.sample(row)
+        if not grammar.allows(token):
+            params = slot.gen.request.params
+            if params.temperature <= 0:
+                grammar.mask_top(scratch, 1)
+            elif params.top_k > 0:
+                grammar.mask_top(scratch, params.top_k, exact=False)
+            else:
+                grammar.mask_top(scratch, GRAMMAR_CANDIDATES, exact=False)
+            row = scratch
+            token = slot.sampler.sample(row)
+            self._totals["grammar_masks"] += 1
+            self.metrics.grammar_masked()
+        grammar.accept(token)
+        return token, row
 
     def _scratch_row(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """A copy of `row` in a buffer reused across steps (engine thread only)."""
