@@ -460,3 +460,76 @@ async def test_socketio_and_v1_share_the_batch(server: str, model: str) -> None:
     overlap = min(40, lollms_tokens - 2)
     # serialised: >= tokens steps (+ prompt chunks); shared: about `overlap` fewer
     assert steps <= tokens - overlap // 2, (steps, tokens)
+
+
+# ---------------------------------------------------------------------- chat_template_file
+
+def test_builtin_gemma_template_for_a_gguf_without_one(tmp_path: Path,
+                                                       default_model_path: Path) -> None:
+    """The default GGUF (Gemma 3 270M, the base model) has no chat template:
+    `builtin:gemma` lays the conversation out in Gemma's turn format instead of the
+    personality's: the prompt is exactly the template's tokens (turn markers as control
+    tokens, BOS once)."""
+    from lollms_fast.engine.backend import Backend, BackendParams
+    from lollms_fast.services.templates import ChatTemplate, tokens_of
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    backend = Backend(BackendParams(default_model_path, 256, 64, 1, 1))
+    try:
+        source = (Path(__file__).parent.parent / "src" / "lollms_fast" / "chat_templates"
+                  / "gemma.jinja").read_text()
+        expected = tokens_of(ChatTemplate.from_backend(source, backend).render(messages),
+                             backend.tokenize)
+        start, end = backend.tokenize("<start_of_turn>", False, True), \
+            backend.tokenize("<end_of_turn>", False, True)
+    finally:
+        backend.close()
+    assert len(start) == len(end) == 1 and expected.count(start[0]) == 2
+    assert expected.count(end[0]) == 1
+    data = tmp_path / "data"
+    data.mkdir()
+    with server_process(data, default_model_path, "--parallel", "1",
+                        "--chat-template-file", "builtin:gemma") as url, \
+            openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
+        r = c.chat.completions.create(model="any", temperature=0, max_tokens=4,
+                                      messages=messages)  # type: ignore[arg-type]
+    assert r.usage is not None and r.usage.prompt_tokens == len(expected)
+
+
+async def test_a_broken_chat_template_file_is_a_clear_error(aiohttp_client: Any,
+                                                            make_config: Any,
+                                                            tmp_path: Path) -> None:
+    from fakes import ScriptedBackend
+    from lollms_fast.app import build_app
+    from lollms_fast.engine import Engine
+
+    def scripted(_config: Any) -> Engine:
+        engine = Engine(ScriptedBackend([b"ok"]), parallel=2, n_ctx_slot=256, n_batch=32,
+                        queue_size=2)
+        engine.start()
+        return engine
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for %}", encoding="utf-8")
+    for setting, words in [("builtin:nope", "no such built-in template"),
+                           (str(tmp_path / "missing.jinja"), "cannot be read"),
+                           (str(bad), "does not compile")]:
+        client = await aiohttp_client(build_app(make_config(chat_template_file=setting),
+                                                backend_factory=scripted))
+        async with client.post("/v1/chat/completions",
+                               json={"messages": [{"role": "user", "content": "hi"}]}) as resp:
+            body = await resp.json()
+        assert resp.status == 500 and words in body["error"]["message"], body
+        assert body["error"]["type"] == "server_error"
+        await client.close()
+    # a good file is used (the scripted model answers "ok" whatever the prompt)
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    client = await aiohttp_client(build_app(make_config(chat_template_file=str(good)),
+                                            backend_factory=scripted))
+    async with client.post("/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}]}) as resp:
+        body = await resp.json()
+    assert resp.status == 200 and body["choices"][0]["message"]["content"] == "ok"
+    assert body["usage"]["prompt_tokens"] == 2  # the template's text only: "hi"

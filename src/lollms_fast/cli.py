@@ -37,6 +37,8 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
                                   "the config file; --api-key-file keeps it out of `ps`)"),
     ("--ssl-certfile", "ssl_certfile", str, "serve HTTPS with this certificate (PEM)"),
     ("--ssl-keyfile", "ssl_keyfile", str, "the private key (PEM) of --ssl-certfile"),
+    ("--chat-template-file", "chat_template_file", str,
+     "Jinja chat template for /v1/chat/completions instead of the model's own"),
 )
 
 

@@ -142,6 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
             "strings, keys or bodies)."),
     Setting("ssl_certfile", str, "", "TLS certificate (PEM) to serve HTTPS with."),
     Setting("ssl_keyfile", str, "", "TLS private key (PEM) of ssl_certfile."),
+    Setting("chat_template_file", str, "",
+            "Jinja chat template for /v1/chat/completions, used instead of the model's own "
+            "(for a GGUF without one); relative to the data dir unless absolute."),
     Setting("strict_model_names", bool, False,
             "/v1 requests naming another model than the loaded one get a 404 (off: the "
             "loaded model answers whatever name a client sends)."),
@@ -220,6 +223,7 @@ class Config:
     access_log: bool = _default("access_log")
     ssl_certfile: str = _default("ssl_certfile")
     ssl_keyfile: str = _default("ssl_keyfile")
+    chat_template_file: str = _default("chat_template_file")
     strict_model_names: bool = _default("strict_model_names")
     extra: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -236,6 +240,13 @@ class Config:
     @property
     def models_dir(self) -> Path:
         return self.data_path / "models" / self.binding
+
+    @property
+    def chat_template_path(self) -> Path | None:
+        if not self.chat_template_file:
+            return None
+        p = Path(self.chat_template_file).expanduser()
+        return p if p.is_absolute() else self.data_path / p
 
     @property
     def database_path(self) -> Path:

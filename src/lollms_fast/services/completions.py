@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,6 +56,9 @@ TEXT = "text_completion"
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64  # /v1/completions prompt arrays
+# chat_template_file values naming a template shipped in lollms_fast/chat_templates/
+BUILTIN = "builtin:"
+BUILTIN_TEMPLATES = frozenset({"gemma", "chatml"})
 
 
 # (JSON schema, or None for any JSON object) -> GBNF text (engine.backend.json_grammar)
@@ -98,7 +102,8 @@ def _int(body: Mapping[str, Any], name: str, lo: int, hi: int, default: int | No
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, float) and value.is_integer():
+    # an integral float, if exact (JSON integers beyond 64 bits arrive as rounded floats)
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise BadRequest(f"{name} must be an integer between {lo} and {hi}", param=name)
@@ -199,8 +204,9 @@ def parse_request(kind: str, body: Mapping[str, Any], limits: Limits,
                          param="messages" if kind == CHAT else "prompt",
                          code="context_length_exceeded")
     max_tokens = _int(body, "max_completion_tokens", 1, 1 << 30, None)
+    legacy_max_tokens = _int(body, "max_tokens", 1, 1 << 30, None)  # checked even if unused
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1, 1 << 30, None)
+        max_tokens = legacy_max_tokens
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", param="stream")
@@ -301,8 +307,9 @@ class CompletionService:
         self.active: set[Generation] = set()
         self.started = int(time.time())  # `created` of the model in /v1/models
         # the chat template of each loaded model (None: it has none, or it is broken)
-        self._templates: weakref.WeakKeyDictionary[Engine, ChatTemplate | None] = (
-            weakref.WeakKeyDictionary())
+        # (the chat_template_file setting it was made for, the template)
+        self._templates: weakref.WeakKeyDictionary[
+            Engine, tuple[str, ChatTemplate | None]] = weakref.WeakKeyDictionary()
 
     def engine(self) -> Engine:
         engine = self.engines.current
@@ -325,6 +332,11 @@ class CompletionService:
         engine = self.engine()
         limits = Limits(self.settings.config, engine.parallel, engine.backend.n_vocab)
         request = parse_request(kind, body, limits, json_grammar)
+        choices = request.n * max(1, len(request.prompts))
+        if choices > engine.parallel + engine.queue_size:  # would be a 503 even when idle
+            raise BadRequest(f"{choices} completions (prompts x n) requested; at most "
+                             f"{engine.parallel + engine.queue_size} run or wait at once "
+                             f"(parallel + queue_size)", param="prompt")
         if request.grammar is not None and not hasattr(engine.backend, "grammar"):
             raise BadRequest("this model backend cannot constrain its output",
                              param="response_format")
@@ -352,6 +364,8 @@ class CompletionService:
             prompts = await asyncio.to_thread(
                 lambda: [engine.tokenize(p, True, True) for p in request.prompts])
         budgets = [self._n_predict(engine, request, len(tokens)) for tokens in prompts]
+        if request.grammar is not None:
+            await asyncio.to_thread(self._check_grammar, engine, request.grammar)
         completion = Completion(
             id=("chatcmpl-" if request.kind == CHAT else "cmpl-") + secrets.token_hex(12),
             kind=request.kind, created=int(time.time()), model=self.model_id(),
@@ -395,24 +409,74 @@ class CompletionService:
         return min(self.settings.config.n_predict, n_ctx - n_prompt)
 
     async def _template(self, engine: Engine) -> ChatTemplate | None:
-        if engine in self._templates:
-            return self._templates[engine]
+        """The chat template: the `chat_template_file` setting's, else the model's own
+        (None: the model has none, or it is broken; then the personality's layout)."""
+        setting = self.settings.config.chat_template_file
+        cached = self._templates.get(engine)
+        if cached is not None and cached[0] == setting:
+            return cached[1]
         template: ChatTemplate | None = None
-        read = getattr(engine.backend, "chat_template", None)
-        source = read() if read is not None else None
-        if source:
+        tokens = (cast(SpecialTokens, engine.backend)
+                  if hasattr(engine.backend, "special_token_text") else _NO_SPECIAL_TOKENS)
+        if setting:
+            source = await asyncio.to_thread(self._read_template_file)
             try:
-                template = ChatTemplate.from_backend(source, cast(SpecialTokens,
-                                                                  engine.backend))
+                template = ChatTemplate.from_backend(source, tokens)
             except TemplateError as exc:
-                log.warning("the model's chat template cannot be used (%s); chat requests "
-                            "use the personality's layout", exc)
-        self._templates[engine] = template
+                raise LollmsError(f"chat_template_file {setting!r}: {exc}") from None
+        else:
+            read = getattr(engine.backend, "chat_template", None)
+            own: str | None = read() if read is not None else None
+            if own:
+                try:
+                    template = ChatTemplate.from_backend(own, tokens)
+                except TemplateError as exc:
+                    log.warning("the model's chat template cannot be used (%s); chat "
+                                "requests use the personality's layout", exc)
+        self._templates[engine] = (setting, template)
         return template
+
+    def _read_template_file(self) -> str:
+        """The configured template's source: `builtin:NAME` is one shipped with the package
+        (lollms_fast/chat_templates/NAME.jinja), anything else a file."""
+        config = self.settings.config
+        setting = config.chat_template_file
+        try:
+            if setting.startswith(BUILTIN):
+                name = setting[len(BUILTIN):]
+                if name not in BUILTIN_TEMPLATES:
+                    raise LollmsError(f"chat_template_file {setting!r}: no such built-in "
+                                      f"template ({', '.join(sorted(BUILTIN_TEMPLATES))})")
+                folder = resources.files("lollms_fast").joinpath("chat_templates")
+                return folder.joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+            path = config.chat_template_path
+            assert path is not None
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LollmsError(f"chat_template_file {setting!r} cannot be read: {exc}"
+                              ) from None
+
+    def _check_grammar(self, engine: Engine, gbnf: str) -> None:
+        """Compile the grammar once off the event loop and the engine thread: a grammar
+        llama.cpp refuses is a 400 before anything is queued, and the first grammar's scan
+        of the vocabulary does not stall the batch."""
+        make = getattr(engine.backend, "grammar", None)
+        if make is not None:
+            make(gbnf).close()
 
     async def shutdown(self) -> None:
         for generation in list(self.active):
             generation.cancel()
+
+
+class _NoSpecialTokens:
+    """A backend that cannot name its BOS/EOS (the scripted test backend)."""
+
+    def special_token_text(self, kind: str) -> str | None:  # noqa: ARG002
+        return None
+
+
+_NO_SPECIAL_TOKENS = _NoSpecialTokens()
 
 
 # ---------------------------------------------------------------------- response parts
