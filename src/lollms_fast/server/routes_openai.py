@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ..engine.scheduler import Generation
 from ..engine.types import FinishReason
-from ..errors import LollmsError, ModelNotReady
+from ..errors import LollmsError, ModelNotReady, NotFound
 from ..services.completions import (
     CHAT,
     TEXT,
@@ -85,6 +85,19 @@ async def preflight(request: web.Request) -> web.Response:
             "Access-Control-Request-Headers", "Authorization, Content-Type")
         response.headers["Access-Control-Max-Age"] = "600"
     return response
+
+
+@routes.get("/v1/{tail:.*}")
+@public
+async def no_get_route(request: web.Request) -> web.Response:
+    """GET on a /v1/ path no GET route serves: 405 with `Allow` when a route takes the path
+    with other methods (GET /v1/chat/completions), else 404; the static files' catch-all
+    would call either a missing file."""
+    allowed = {r.method for r in request.app.router.routes()
+               if r.resource is not None and r.resource.canonical == request.path}
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed | {"OPTIONS"})
+    raise NotFound("no such route")
 
 
 def _cors_origin(request: web.Request) -> str | None:
