@@ -30,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
+
 from ..config import Config
 from ..engine.backend import json_grammar
 from ..engine.scheduler import Engine, Generation, GenerationRequest, SamplingParams
@@ -56,6 +58,10 @@ TEXT = "text_completion"
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64  # /v1/completions prompt arrays
+# response_format json_schema: its size, and the repetition bounds its grammar unrolls
+MAX_SCHEMA_BYTES = 32 * 1024
+MAX_REPETITION = 1000
+REPETITION_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength"})
 # chat_template_file values naming a template shipped in lollms_fast/chat_templates/
 BUILTIN = "builtin:"
 BUILTIN_TEMPLATES = frozenset({"gemma", "chatml"})
@@ -160,9 +166,29 @@ def _response_format(value: Any, make_grammar: GrammarMaker) -> str | None:
         if not isinstance(schema, dict):
             raise BadRequest("response_format json_schema needs json_schema.schema, an object",
                              param="response_format")
+        _check_schema_size(schema)
         return make_grammar(schema)
     raise BadRequest(f"response_format type {kind!r} is not supported (text, json_object, "
                      f"json_schema)", param="response_format")
+
+
+def _check_schema_size(schema: dict[str, Any]) -> None:
+    """The grammar a schema becomes grows with its size and with its repetition bounds
+    (minItems 100000 alone is megabytes of rules): both are capped before converting."""
+    if len(orjson.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes",
+                         param="response_format")
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key in REPETITION_KEYS and _is_number(item) and item > MAX_REPETITION:
+                    raise BadRequest(f"{key} {item} in the JSON schema is above "
+                                     f"{MAX_REPETITION}", param="response_format")
+                stack.append(item)
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _prompts(value: Any) -> list[str]:
