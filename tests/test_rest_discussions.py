@@ -270,6 +270,9 @@ async def test_import_2023_export_without_message_ids(rest_client: TestClient) -
     [{"messages": [{"sender": "u", "content": "c", "parent": "1"}]}],
     [{"messages": [{"sender": "u", "content": "c", "rank": True}]}],
     [{"title": "ok", "messages": []}, {"messages": [5]}],  # one bad item: nothing imported
+    # a created_at that is not a date would be stored as a number (NUMERIC affinity)
+    [{"messages": [{"sender": "u", "content": "c", "created_at": "1e100"}]}],
+    [{"messages": [{"sender": "u", "content": "c", "created_at": "12"}]}],
 ])
 async def test_import_rejects_bad_payload(rest_client: TestClient, jarray: Any) -> None:
     before = await snapshot(rest_client)
@@ -277,6 +280,18 @@ async def test_import_rejects_bad_payload(rest_client: TestClient, jarray: Any) 
                                                 json={"jArray": jarray}), 400)
     assert body["status"] is False
     assert await snapshot(rest_client) == before
+
+
+async def test_imported_dates_come_back_as_text(rest_client: TestClient) -> None:
+    stamps = ["2023-05-30 10:00:01", "2024-01-02T03:04:05.678Z", "2023-06-01"]
+    payload = [{"title": "t", "messages": [{"sender": "u", "content": str(i),
+                                            "created_at": stamp}
+                                           for i, stamp in enumerate(stamps)]}]
+    body = await ok_json(await rest_client.post("/import_multiple_discussions",
+                                                json={"jArray": payload}))
+    exported = await ok_json(await rest_client.post("/export_multiple_discussions",
+                                                    json={"discussion_ids": body["ids"]}))
+    assert [m["created_at"] for m in exported[0]["messages"]] == stamps
 
 
 async def test_export_discussion_text(rest_client: TestClient) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import re
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
@@ -138,6 +139,10 @@ def _opt_int(value: Any, what: str) -> int | None:
     return None if value is None else parse_int(what, value, text=False)
 
 
+# what openapi.json's ImportedMessage.created_at pattern says, exactly
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[ T][0-9:.Z+-]{0,40})?\Z")
+
+
 def _message(raw: Any, where: str) -> ImportedMessage:
     if not isinstance(raw, dict):
         raise BadRequest(f"{where} must be an object")
@@ -145,8 +150,11 @@ def _message(raw: Any, where: str) -> ImportedMessage:
     if not isinstance(sender, str) or not isinstance(content, str):
         raise BadRequest(f"{where} needs text fields 'sender' and 'content'")
     created = raw.get("created_at")
-    if created is not None and not isinstance(created, str):
-        raise BadRequest(f"{where}.created_at must be text")
+    if created is not None and not (isinstance(created, str) and _DATE.match(created)):
+        # the column has SQLite's NUMERIC affinity: text that looks like a number would be
+        # stored as one and exported as one ("1e100" -> 1e+100)
+        raise BadRequest(f"{where}.created_at must be a date and time as text "
+                         f"(YYYY-MM-DD HH:MM:SS, as the 2023 export writes it)")
     msg_type = _opt_int(raw.get("type"), f"{where}.type")
     rank = _opt_int(raw.get("rank"), f"{where}.rank")
     return ImportedMessage(
