@@ -1,6 +1,7 @@
-"""The servers under test, each started as a subprocess on loopback: lollms_fast (its CLI) and
-llama-cpp-python's own server. Both are polled until they answer HTTP, measured from outside
-through /proc (CPU time of every thread, peak RSS), and stopped by their process id."""
+"""The servers under test, each started as a subprocess on loopback: lollms_fast (its CLI),
+llama-cpp-python's own server and llama.cpp's C++ `llama-server` (built by
+build_llama_server.py). Each is polled until it answers HTTP, measured from outside through
+/proc (CPU time of every thread, peak RSS), and stopped by its process id."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ class ServerProcess:
         return self.proc.pid
 
     def main_thread_cpu_s(self) -> float:
-        """CPU seconds of the process's first thread: the event loop of both servers."""
+        """CPU seconds of the process's first thread: the event loop of both Python servers
+        (in llama-server it is the thread that runs the slots and llama_decode)."""
         with open(f"/proc/{self.pid}/task/{self.pid}/schedstat") as f:
             return int(f.read().split()[0]) / 1e9
 
@@ -96,7 +98,7 @@ class ServerProcess:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGINT)  # both servers shut down cleanly on SIGINT
+        self.proc.send_signal(signal.SIGINT)  # every server here shuts down cleanly on SIGINT
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -143,4 +145,24 @@ def llama_cpp_server(*, model: Path, threads: int, n_ctx: int, log_path: Path
     server = ServerProcess(cmd, dict(os.environ), port, log_path)
     server.name = "llama-cpp-python server"
     server.ready_path = "/v1/models"
+    return server
+
+
+def llama_server(*, binary: Path, model: Path, threads: int, ctx_size: int, parallel: int,
+                 n_batch: int, log_path: Path) -> ServerProcess:
+    """llama.cpp's own server with lollms_fast's shape: `parallel` slots of `ctx_size` tokens
+    (-c is the total), the same threads for decode and prompt, the same batch, no web UI.
+    Everything else is llama-server's default, as a user runs it: continuous batching,
+    flash attention "auto" (on for CPU, as in lollms_fast), one KV stream per slot (lollms_fast:
+    one unified KV), sliding-window layers kept to their window (lollms_fast: full, for
+    prefix reuse), the prompt cache in RAM."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(model), "-np", str(parallel), "-c", str(ctx_size * parallel),
+           "-t", str(threads), "-tb", str(threads), "-b", str(n_batch), "-ub", str(n_batch),
+           "--no-webui", "--host", "127.0.0.1", "--port", str(port)]
+    # its LLAMA_ARG_* variables set what the command line leaves out: none from the caller
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    server = ServerProcess(cmd, env, port, log_path)
+    server.name = "llama-server"
+    server.ready_path = "/health"  # 503 while the model loads, 200 when the slots are ready
     return server
