@@ -13,7 +13,7 @@ MB = 1024 * 1024
 
 
 def backend_params(config: Config) -> BackendParams:
-    """One unified KV cache of ctx_size cells per slot, one sequence id per slot."""
+    """One KV stream of ctx_size cells per slot, one sequence id per slot."""
     return BackendParams(
         model_path=resolve_model(config.model, config.models_dir, DEFAULT_MODEL_FILE),
         n_ctx=config.ctx_size * config.parallel,

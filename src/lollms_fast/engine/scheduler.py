@@ -213,7 +213,7 @@ class _Update:
 
 
 class _Slot:
-    """One sequence of the unified KV cache. `cached` mirrors the positions held there."""
+    """One sequence (its own KV stream). `cached` mirrors the positions held there."""
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
