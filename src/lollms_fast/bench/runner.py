@@ -131,7 +131,10 @@ class Run:
         opts = self.opts
         headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
         sampling = {SAMPLING[k][0]: v for k, v in opts.sampling.items()}
-        connector = aiohttp.TCPConnector(limit=0)
+        # a new connection per request: llama-server closes its end after each streamed
+        # answer, and a request sent on such a pooled connection fails ("Can not write
+        # request body"), which is the client's fault, not the server's
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         # no session-wide timeout: --timeout bounds each request
         async with aiohttp.ClientSession(connector=connector, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=None)) as http:
