@@ -157,6 +157,43 @@ async def test_prefix_reuse_takes_the_best_slot_and_decodes_only_the_suffix() ->
     assert decoded == finish.n_prompt - prompt_len == len(" and two")
 
 
+async def test_a_repeated_prompt_reuses_the_slot_holding_it() -> None:
+    """A slot whose cache is a long answer to a prompt is taken again for the same prompt
+    (most of the prompt is there), not left for the free slot of lowest id."""
+    backend = ScriptedBackend([b"x"], eog_after=False)
+    prompt = "a long system prompt that many requests repeat"
+    long_answer = SamplingParams(temperature=0, repeat_penalty=1.0, n_predict=200)
+    forever = SamplingParams(temperature=0, n_predict=100000)
+    async with running(backend, parallel=3) as engine:
+        busy = [ask(engine, f"hold slot {i}", forever) for i in range(2)]
+        await collect(ask(engine, prompt, long_answer))  # slot 2: prompt + 200 tokens
+        busy[1].cancel()  # slot 1 is free again, and its id is lower
+        await busy[1].wait()
+        before = engine.stats()["prompt_decoded"]
+        _, finish = await collect(ask(engine, prompt + "?", long_answer))
+        decoded = engine.stats()["prompt_decoded"] - before
+        busy[0].cancel()
+        await busy[0].wait()
+    assert finish.n_reused == len(prompt) + 1 and decoded == 1  # only the "?"
+
+
+async def test_batches_are_in_sequence_order() -> None:
+    """llama.cpp splits a batch over per-slot KV streams into micro-batches of consecutive
+    sequence ids: every decode lists its sequences in increasing order."""
+    backend = ScriptedBackend([b"x"], eog_after=False)
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, n_predict=6)
+    async with running(backend, parallel=3) as engine:
+        gens = [ask(engine, text, params) for text in ("one", "two two", "three three three")]
+        for g in gens:
+            await collect(g)
+        gens = [ask(engine, f"later {i} " * (i + 1), params) for i in range(3)]
+        for g in gens:
+            await collect(g)
+    for call in backend.calls:
+        seqs = [seq for seq, _, _, _ in call]
+        assert seqs == sorted(seqs), call
+
+
 async def test_a_decode_error_ends_only_that_request() -> None:
     backend = ScriptedBackend([b"a", b"b", b"c"], fail_token=BYTE0 + ord("!"))
     async with running(backend, parallel=2) as engine:

@@ -76,6 +76,9 @@ class Finish:
 
 # a stored prefix is restored when it saves at least this many tokens over the slot's own
 RESTORE_GAIN = 32
+# a slot whose cache holds at least half of a new prompt (and this many tokens) is taken for
+# it even when most of its cache is another conversation's
+MIN_SHARED_PROMPT = 16
 # a grammar that refuses the sampled token leaves at most this many candidates when the
 # request samples without top-k (masking the whole vocabulary costs tens of milliseconds)
 GRAMMAR_CANDIDATES = 256
@@ -219,7 +222,6 @@ class _Slot:
         self.seq_id = seq_id
         self.state = SlotState.IDLE
         self.cached: list[int] = []  # tokens at positions 0.. of this sequence's KV
-        self.last_used = 0  # engine step of its last decode (least recently used slot choice)
         self.admitted = 0  # admission number (prompts are read oldest first)
         self.gen: Generation | None = None
         self.pending: Sequence[int] = ()  # prompt tokens still to decode
@@ -265,7 +267,6 @@ class Engine:
         self._closing = False
         self._drop_cache = False  # guarded by _cond
         self._thread: threading.Thread | None = None
-        self._clock = 0  # steps, for least-recently-used slot choice
         self._admissions = 0
         self._updates: dict[Generation, _Update] = {}  # what this step produced, per request
         self._scratch: npt.NDArray[np.float32] | None = None  # grammar sampling's row copy
@@ -494,17 +495,25 @@ class Engine:
 
     def _pick_slot(self, tokens: Sequence[int]) -> _Slot:
         """The idle slot sharing the longest prefix with `tokens`, among those whose cache
-        would mostly be kept (at least half of it shared: a continuation of that discussion);
-        otherwise the least recently used one, so one request does not evict another
-        discussion's cache for the sake of a few shared tokens."""
+        would mostly be kept (at least half of it shared: a continuation of that discussion)
+        or that hold most of the prompt; otherwise the free slot of lowest id, so that one
+        request does not take another discussion's cache for the sake of a few shared
+        tokens, and the busy slots stay consecutive."""
         best: _Slot | None = None
-        best_key = (False, -1, 0)
+        best_key: tuple[bool, int, int] | None = None
         for slot in self._slots:
             if slot.gen is None:
                 shared = common_prefix_len(slot.cached, tokens)
-                continues = 2 * shared >= len(slot.cached)
-                key = (continues, shared if continues else 0, -slot.last_used)
-                if key > best_key:
+                # a continuation of its discussion, or most of this prompt (a repeated
+                # system prompt or document): reusing it beats decoding it again, and the
+                # cut tail goes to the KV tiers
+                continues = 2 * shared >= len(slot.cached) or (
+                    shared >= MIN_SHARED_PROMPT and 2 * shared >= len(tokens))
+                # otherwise the lowest sequence id: the busy slots stay consecutive, and
+                # llama.cpp decodes consecutive sequences of per-slot KV streams in one
+                # micro-batch (what the slot held goes to the KV tiers)
+                key = (continues, shared if continues else 0, -slot.seq_id)
+                if best_key is None or key > best_key:
                     best, best_key = slot, key
         assert best is not None
         return best
@@ -513,29 +522,30 @@ class Engine:
         for slot in self._slots:
             if slot.gen is not None and slot.gen.cancelled:
                 self._end(slot, FinishReason.CANCELLED)
-        self._clock += 1
         batch = self._batch
         batch.clear()
         spans: list[tuple[_Slot, Sequence[int], bool]] = []
+        room = batch.capacity
         for slot in self._slots:
             if slot.state is SlotState.GENERATING:
-                batch.add(slot.seq_id, (slot.next_token,), len(slot.cached), True)
                 spans.append((slot, (slot.next_token,), True))
+                room -= 1
         # the rest of the batch reads prompts, oldest admission first
         reading = sorted((s for s in self._slots if s.state is SlotState.PROMPT),
                          key=lambda s: s.admitted)
         for slot in reading:
-            room = batch.capacity - batch.n
             if room <= 0:
                 break
             chunk = slot.pending[:room]
-            last = len(chunk) == len(slot.pending)
-            batch.add(slot.seq_id, chunk, len(slot.cached), last)
-            spans.append((slot, chunk, last))
-        if batch.n == 0:
+            spans.append((slot, chunk, len(chunk) == len(slot.pending)))
+            room -= len(chunk)
+        if not spans:
             return
-        for slot, _, _ in spans:
-            slot.last_used = self._clock
+        # in sequence order: llama.cpp splits a batch over per-slot KV streams into
+        # micro-batches of consecutive sequence ids (each a pass over the weights)
+        spans.sort(key=lambda span: span[0].seq_id)
+        for slot, tokens, want in spans:
+            batch.add(slot.seq_id, tokens, len(slot.cached), want)
         self._totals["steps"] += 1
         self.metrics.step()
         rc = self.backend.decode(batch)
@@ -590,7 +600,6 @@ class Engine:
                 continue  # cancelled meanwhile
             backend.seq_cp(leader.seq_id, slot.seq_id, -1, -1)
             slot.cached = list(leader.cached)
-            slot.last_used = self._clock
             self._totals["prompt_reused"] += len(slot.cached)
             self._sample(slot, row.copy())
 
