@@ -339,9 +339,12 @@ async def test_raw_errors_and_cors(server: str, model: str) -> None:
                              headers={**auth, "Content-Type": "application/json"}) as resp:
             body = await resp.json()
             assert resp.status == 400 and body["error"]["type"] == "invalid_request_error"
-        async with http.get("/v1/nothing", headers=auth) as resp:
-            assert resp.status == 404 and (await resp.json())["error"]["type"] == \
-                "not_found_error"
+        for method in ("GET", "POST", "DELETE"):
+            async with http.request(method, "/v1/nothing", headers=auth) as resp:
+                assert resp.status == 404, method
+                assert (await resp.json())["error"]["type"] == "not_found_error"
+        async with http.get("/v1/chat/completions", headers=auth) as resp:
+            assert resp.status == 405 and "POST" in resp.headers["Allow"]
         # CORS: only the listed origin gets the headers; a preflight needs no key
         async with http.options("/v1/chat/completions", headers={
                 "Origin": "http://app.example", "Access-Control-Request-Method": "POST",

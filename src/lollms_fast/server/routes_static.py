@@ -125,6 +125,10 @@ async def static_file(request: web.Request) -> web.FileResponse:
     return await serve_from([root], request.match_info["filename"])
 
 
+# other routes that hold every path below a prefix (the /v1/ preflight and GET fallback)
+CATCH_ALL_PATHS = frozenset({"/v1/{tail}"})
+
+
 @routes.route("*", "/{filename:.+}")
 @public
 async def no_route(request: web.Request) -> web.StreamResponse:
@@ -133,6 +137,8 @@ async def no_route(request: web.Request) -> web.StreamResponse:
     other path is not a route at all: 404, not the 405 the GET-only catch-all would give."""
     allowed: set[str] = set()
     for resource in request.app.router.resources():
+        if resource.canonical in CATCH_ALL_PATHS:
+            continue  # they answer every path below them; no route is named by that
         if resource is not request.match_info.route.resource:
             _match, methods = await resource.resolve(request)
             allowed |= methods
