@@ -180,9 +180,9 @@ class _Frames:
     def __init__(self, completion: Completion) -> None:
         self.completion = completion
         self.chat = completion.kind == CHAT
-        self.object = b"chat.completion.chunk" if self.chat else b"text_completion"
         self.usage_null = completion.request.include_usage
-        head = {"id": completion.id, "object": self.object.decode(),
+        head = {"id": completion.id,
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": completion.created, "model": completion.model}
         self._head = orjson.dumps(head)[:-1]  # without its closing brace
         self._text_parts: dict[int, tuple[bytes, bytes]] = {}

@@ -34,7 +34,13 @@ import orjson
 
 from ..config import Config
 from ..engine.backend import json_grammar
-from ..engine.scheduler import Engine, Generation, GenerationRequest, SamplingParams
+from ..engine.scheduler import (
+    Engine,
+    Generation,
+    GenerationRequest,
+    GrammarBackend,
+    SamplingParams,
+)
 from ..engine.types import FinishReason, TokenLogprob
 from ..errors import BadRequest, LollmsError, ModelNotReady, NotFound
 from .chat import anti_prompts
@@ -332,8 +338,8 @@ class CompletionService:
         self.engines = engines
         self.active: set[Generation] = set()
         self.started = int(time.time())  # `created` of the model in /v1/models
-        # the chat template of each loaded model (None: it has none, or it is broken)
-        # (the chat_template_file setting it was made for, the template)
+        # per loaded model: (the chat_template_file setting it was made for, the template;
+        # None: the model has none, or it is broken)
         self._templates: weakref.WeakKeyDictionary[
             Engine, tuple[str, ChatTemplate | None]] = weakref.WeakKeyDictionary()
 
@@ -486,9 +492,8 @@ class CompletionService:
         """Compile the grammar once off the event loop and the engine thread: a grammar
         llama.cpp refuses is a 400 before anything is queued, and the first grammar's scan
         of the vocabulary does not stall the batch."""
-        make = getattr(engine.backend, "grammar", None)
-        if make is not None:
-            make(gbnf).close()
+        # parse() refused the request if this backend had no grammars
+        cast(GrammarBackend, engine.backend).grammar(gbnf).close()
 
     async def shutdown(self) -> None:
         for generation in list(self.active):
