@@ -29,7 +29,7 @@ from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.engine import Engine, GenerationRequest, SamplingParams
 from lollms_fast.services.chat import CHECKPOINT_INTERVAL_S
-from lollms_fast.storage.discussions import DiscussionStore
+from lollms_fast.storage.discussions import SQLiteStore
 
 Factory = Callable[..., Any]
 
@@ -232,13 +232,13 @@ async def test_checkpoints_at_most_once_a_second_at_the_default_interval(
     by /load_discussion while the answer still runs."""
     assert CHECKPOINT_INTERVAL_S == 1.0
     writes: list[str] = []
-    update_content = DiscussionStore.update_content
+    update_content = SQLiteStore.update_content
 
-    async def counting(self: DiscussionStore, message_id: int, content: str) -> bool:
+    async def counting(self: SQLiteStore, message_id: int, content: str) -> bool:
         writes.append(content)
         return await update_content(self, message_id, content)
 
-    monkeypatch.setattr(DiscussionStore, "update_content", counting)
+    monkeypatch.setattr(SQLiteStore, "update_content", counting)
     s = await setup([b"a"], gated=True, eog_after=False, n_predict=1000)
     b = await s.browser()
     assert s.gate is not None

@@ -28,7 +28,7 @@ async def load(client: TestClient, discussion_id: Any) -> list[dict[str, Any]]:
 
 async def add_message(client: TestClient, discussion_id: int, sender: str, content: str,
                       parent: int | None) -> int:
-    from lollms_fast.storage.discussions import NewMessage
+    from lollms_fast.storage.base import NewMessage
 
     store = client.server.app[DISCUSSIONS].store
     return await store.add_message(discussion_id, NewMessage(sender, content, parent=parent))
@@ -219,7 +219,7 @@ async def test_export_of_empty_database(rest_client: TestClient) -> None:
 
 
 async def test_export_streams_many_discussions(rest_client: TestClient) -> None:
-    from lollms_fast.storage.discussions import EXPORT_BATCH, NewMessage
+    from lollms_fast.storage.base import EXPORT_BATCH, NewMessage
 
     store = rest_client.server.app[DISCUSSIONS].store
     count = EXPORT_BATCH * 2 + 7

@@ -29,7 +29,6 @@ from .server import (
 from .server.keys import (
     CHAT,
     COMPLETIONS,
-    DATABASE,
     DISCUSSIONS,
     ENGINE_CONTROL,
     ENGINE_METRICS,
@@ -38,6 +37,7 @@ from .server.keys import (
     SESSIONS,
     SETTINGS,
     SIO,
+    STORE,
 )
 from .server.session import set_session_cookie
 from .server.sockets import create_socketio
@@ -49,8 +49,7 @@ from .services.models import ModelService
 from .services.personalities import PersonalityService
 from .services.sessions import SessionStore
 from .services.settings import SettingsService
-from .storage.db import Database
-from .storage.discussions import DiscussionStore
+from .storage import open_store
 
 log = logging.getLogger("lollms_fast")
 
@@ -107,14 +106,13 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     personalities = PersonalityService(library, settings)
     # the Socket.IO connect handler finds the HTTP session here from its handshake request
     sessions = SessionStore()
-    database = Database(config.database_path, durable=config.durable)
+    store = open_store(config.database_url, root=config.data_path, durable=config.durable)
     app[SETTINGS] = settings
     app[ENGINE_CONTROL] = engine
     app[ENGINE_METRICS] = engine_metrics
     app[PERSONALITIES] = personalities
     app[SESSIONS] = sessions
-    app[DATABASE] = database
-    store = DiscussionStore(database)
+    app[STORE] = store
     discussions = DiscussionService(store, sessions, personalities, settings)
     app[DISCUSSIONS] = discussions
     chat = ChatService(store, discussions, personalities, settings, engine)
@@ -136,9 +134,11 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app.add_routes(routes_static.routes)  # last: holds the /{filename} catch-all
 
     async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:
-        await database.start()
+        await store.start()
+        log.info("discussions stored in %s (schema version %d)", store.describe(),
+                 store.schema_version)
         yield
-        await database.close()
+        await store.close()
 
     async def engine_ctx(_app: web.Application) -> AsyncIterator[None]:
         await engine.start(settings.config)

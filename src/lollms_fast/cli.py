@@ -29,6 +29,9 @@ SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--data-dir", "data_dir", str, "folder for models, databases, personalities and config "
                                     "(default ~/.local/share/lollms_fast)"),
     ("--db-path", "db_path", str, "SQLite file, relative to the data dir unless absolute"),
+    ("--db-url", "db_url", str, "sqlite:///path or postgresql://user:pw@host/db (replicas)"),
+    ("--socketio-redis-url", "socketio_redis_url", str,
+     "redis://host:port/db shared by replicas (events, stop_gen, sessions)"),
     ("--n-threads", "n_threads", int, "CPU threads for llama.cpp (default: physical cores)"),
     ("--ctx-size", "ctx_size", int, "context size in tokens per slot (default 2048)"),
     ("--parallel", "parallel", int, "parallel generation slots (default 8)"),

@@ -134,6 +134,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest prompt in characters, checked before tokenizing; longer stored messages "
             "are left out of the history.", lo=1, hi=100_000_000),
     Setting("durable", bool, False, "SQLite synchronous=FULL instead of NORMAL."),
+    Setting("db_url", str, "",
+            "Discussions database: sqlite:///path (relative to the data dir; sqlite:////path "
+            "absolute) or postgresql://user:password@host:port/dbname for replicas. Empty: "
+            "the SQLite file db_path.", secret=True),
+    Setting("socketio_redis_url", str, "",
+            "redis://host:port/db shared by replicas: Socket.IO events, stop_gen and settings "
+            "changes cross replicas, and browser sessions live there. Empty: one process.",
+            secret=True),
     Setting("ui_dir", str, "", "Serve the web UI from this folder instead of the built-in one."),
     Setting("allow_private_downloads", bool, False,
             "Let install_model download from loopback and private-network addresses."),
@@ -155,7 +163,7 @@ SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 # keys that only the command line / environment decide (the file cannot move the data dir)
 _NOT_FROM_FILE = frozenset({"data_dir"})
 # what reset_settings keeps: where the data lives, the key and the UI (SPEC section 3)
-KEPT_ON_RESET = ("data_dir", "db_path", "api_key", "ui_dir")
+KEPT_ON_RESET = ("data_dir", "db_path", "db_url", "socketio_redis_url", "api_key", "ui_dir")
 
 
 def _default(name: str) -> Any:
@@ -218,6 +226,8 @@ class Config:
     max_import_messages: int = _default("max_import_messages")
     max_prompt_chars: int = _default("max_prompt_chars")
     durable: bool = _default("durable")
+    db_url: str = _default("db_url")
+    socketio_redis_url: str = _default("socketio_redis_url")
     ui_dir: str = _default("ui_dir")
     allow_private_downloads: bool = _default("allow_private_downloads")
     access_log: bool = _default("access_log")
@@ -252,6 +262,11 @@ class Config:
     def database_path(self) -> Path:
         p = Path(self.db_path).expanduser()
         return p if p.is_absolute() else self.data_path / p
+
+    @property
+    def database_url(self) -> str:
+        """`db_url`, or the SQLite file `db_path` as a URL."""
+        return self.db_url or f"sqlite:///{self.database_path}"
 
     @property
     def personalities_dir(self) -> Path:

@@ -18,11 +18,11 @@ if TYPE_CHECKING:
     from ..services.personalities import PersonalityService
     from ..services.sessions import SessionStore
     from ..services.settings import SettingsService
-    from ..storage.db import Database
+    from ..storage.base import Store
 
 SETTINGS: web.AppKey[SettingsService] = web.AppKey("settings")
 SIO: web.AppKey[socketio.AsyncServer] = web.AppKey("sio")
-DATABASE: web.AppKey[Database] = web.AppKey("database")
+STORE: web.AppKey[Store] = web.AppKey("store")
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
 DISCUSSIONS: web.AppKey[DiscussionService] = web.AppKey("discussions")
 PERSONALITIES: web.AppKey[PersonalityService] = web.AppKey("personalities")

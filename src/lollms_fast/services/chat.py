@@ -24,7 +24,7 @@ from ..engine.types import FinishReason
 from ..errors import BadRequest, Conflict, LollmsError, NotFound
 from ..parsing import parse_id
 from ..personalities.model import Personality
-from ..storage.discussions import MSG_CONDITIONING, MSG_NORMAL, DiscussionStore, NewMessage
+from ..storage.base import MSG_CONDITIONING, MSG_NORMAL, NewMessage, Store
 from .discussions import DiscussionService
 from .history import branch, default_leaf, history_turns
 from .personalities import PersonalityService
@@ -114,7 +114,7 @@ def stored_conditioning(path: Sequence[Mapping[str, Any]]) -> str | None:
 
 
 class ChatService:
-    def __init__(self, store: DiscussionStore, discussions: DiscussionService,
+    def __init__(self, store: Store, discussions: DiscussionService,
                  personalities: PersonalityService, settings: SettingsService,
                  engines: EngineSource,
                  checkpoint_interval: float = CHECKPOINT_INTERVAL_S) -> None:
@@ -382,7 +382,7 @@ class _Answer:
 class _Checkpointer:
     """Saves the growing answer at most once per interval, never two writes at a time."""
 
-    def __init__(self, store: DiscussionStore, message_id: int, interval: float,
+    def __init__(self, store: Store, message_id: int, interval: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.message_id = message_id

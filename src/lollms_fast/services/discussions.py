@@ -14,13 +14,13 @@ from typing import Any
 
 from ..errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from ..parsing import parse_int, parse_json_object
-from ..storage.discussions import (
+from ..storage.base import (
     MSG_CONDITIONING,
     MSG_NORMAL,
-    DiscussionStore,
     ImportedDiscussion,
     ImportedMessage,
     NewMessage,
+    Store,
 )
 from .history import branch, default_leaf, render_transcript
 from .personalities import PersonalityService
@@ -31,7 +31,7 @@ CONDITIONING_SENDER = "conditionner"  # the 2023 spelling, kept for compatibilit
 
 
 class DiscussionService:
-    def __init__(self, store: DiscussionStore, sessions: SessionStore,
+    def __init__(self, store: Store, sessions: SessionStore,
                  personalities: PersonalityService, settings: SettingsService) -> None:
         self.store = store
         self.sessions = sessions

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..personalities.model import Personality
-from ..storage.discussions import MSG_NORMAL
+from ..storage.base import MSG_NORMAL
 from .prompt import PromptStyle, Turn
 
 

@@ -1,50 +1,36 @@
-"""Typed queries on discussions and messages. Every statement is parameterised.
+"""The SQLite store: typed queries on discussions and messages, every statement parameterised.
 
-The sync functions take a connection and run on a database thread; `DiscussionStore` is the
-async face the services use.
+The sync functions take a connection and run on a database thread; `SQLiteStore` is the
+async face (the `Store` interface) the services use.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
 
+from .base import (
+    EXPORT_BATCH,
+    MSG_CONDITIONING,
+    MSG_NORMAL,
+    DiscussionRow,
+    ImportedDiscussion,
+    ImportedMessage,
+    MessageRow,
+    NewMessage,
+)
 from .db import Database
 
-MSG_NORMAL = 0
-MSG_CONDITIONING = 1
+__all__ = ["EXPORT_BATCH", "MSG_CONDITIONING", "MSG_NORMAL", "ImportedDiscussion",
+           "ImportedMessage", "NewMessage", "SQLiteStore"]
 
-# how many discussions one export read fetches (bounds the memory of a streamed export)
-EXPORT_BATCH = 200
 # SQLite's default limit on host parameters is 32766; stay well below
 _IN_CHUNK = 500
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    sender: str
-    content: str
-    type: int = MSG_NORMAL
-    rank: int = 0
-    parent: int | None = None
-    created_at: str | None = None
-
-
-@dataclass(frozen=True)
-class ImportedDiscussion:
-    title: str | None
-    messages: Sequence[ImportedMessage]
-
-
-@dataclass(frozen=True)
-class ImportedMessage:
-    old_id: int | None
-    message: NewMessage
 
 
 # ------------------------------------------------------------------ sync queries
@@ -230,9 +216,24 @@ def _export_batch(conn: sqlite3.Connection, after_id: int,
 # ------------------------------------------------------------------ async face
 
 
-class DiscussionStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
+class SQLiteStore:
+    """The embedded default: one file, one writer thread, a pool of reader threads."""
+
+    def __init__(self, path: Path, *, durable: bool = False) -> None:
+        self.db = Database(path, durable=durable)
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.schema_version
+
+    async def start(self) -> None:
+        await self.db.start()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def describe(self) -> str:
+        return f"SQLite {self.db.path}"
 
     async def list_json(self) -> bytes:
         return await self.db.read(list_discussions_json)
@@ -312,3 +313,45 @@ class DiscussionStore:
                 break
             after = last
         yield (b"[" if head == b"[" else b"") + b"]"
+
+    async def dump(self) -> AsyncGenerator[tuple[list[DiscussionRow], list[MessageRow]], None]:
+        after = -(2**63)
+        while True:
+            batch = await self.db.read(partial(_dump_batch, after_id=after))
+            if not batch[0]:
+                return
+            yield batch
+            after = batch[0][-1][0]
+
+    async def load(self, discussions: Sequence[DiscussionRow],
+                   messages: Sequence[MessageRow]) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT INTO discussion (id, title, created_at) VALUES (?, ?, ?)",
+                          discussions)
+            c.executemany("INSERT INTO message (id, sender, content, type, rank, parent, "
+                          "created_at, discussion_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          messages)
+        await self.db.write(run)
+
+    async def finish_load(self) -> None:
+        return None  # AUTOINCREMENT already continues past the largest id inserted
+
+    async def is_empty(self) -> bool:
+        def run(c: sqlite3.Connection) -> bool:
+            return (c.execute("SELECT 1 FROM discussion LIMIT 1").fetchone() is None
+                    and c.execute("SELECT 1 FROM message LIMIT 1").fetchone() is None)
+        return await self.db.read(run)
+
+
+def _dump_batch(conn: sqlite3.Connection, after_id: int
+                ) -> tuple[list[DiscussionRow], list[MessageRow]]:
+    heads: list[DiscussionRow] = conn.execute(
+        "SELECT id, title, created_at FROM discussion WHERE id > ? ORDER BY id LIMIT ?",
+        (after_id, EXPORT_BATCH)).fetchall()
+    if not heads:
+        return [], []
+    rows: list[MessageRow] = conn.execute(
+        "SELECT id, sender, content, type, rank, parent, created_at, discussion_id "
+        "FROM message WHERE discussion_id BETWEEN ? AND ? ORDER BY discussion_id, id",
+        (heads[0][0], heads[-1][0])).fetchall()
+    return heads, rows
