@@ -111,8 +111,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Host RAM for KV states of sequences evicted from their slot (0 = off).",
             lo=0, hi=1 << 24, reload=True),
     Setting("kv_cache_disk_mb", int, 4096,
-            "Disk space under <data_dir>/kv_cache for KV states, kept across restarts "
+            "Disk space under kv_cache_dir for KV states, kept across restarts "
             "(0 = off).", lo=0, hi=1 << 30, reload=True),
+    Setting("kv_cache_dir", str, "kv_cache",
+            "Folder of the KV disk tier, relative to the data dir unless absolute. One "
+            "folder per server process: `serve --replicas` gives each replica "
+            "kv_cache/<port>.", reload=True, persist=False),
     Setting("queue_size", int, 64,
             "Requests allowed to wait for a free slot; more get a 'busy' error.", lo=0, hi=100000),
     Setting("api_key", str, "",
@@ -217,6 +221,7 @@ class Config:
     n_batch: int = _default("n_batch")
     kv_cache_ram_mb: int = _default("kv_cache_ram_mb")
     kv_cache_disk_mb: int = _default("kv_cache_disk_mb")
+    kv_cache_dir: str = _default("kv_cache_dir")
     queue_size: int = _default("queue_size")
     api_key: str = _default("api_key")
     allowed_origins: str = _default("allowed_origins")
@@ -267,6 +272,11 @@ class Config:
     def database_url(self) -> str:
         """`db_url`, or the SQLite file `db_path` as a URL."""
         return self.db_url or f"sqlite:///{self.database_path}"
+
+    @property
+    def kv_cache_path(self) -> Path:
+        p = Path(self.kv_cache_dir).expanduser()
+        return p if p.is_absolute() else self.data_path / p
 
     @property
     def personalities_dir(self) -> Path:

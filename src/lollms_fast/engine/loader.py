@@ -30,7 +30,7 @@ def kv_cache_for(config: Config, backend: Backend) -> KVCache | None:
     ram, disk = config.kv_cache_ram_mb * MB, config.kv_cache_disk_mb * MB
     if not ram and not disk:
         return None
-    directory = config.data_path / "kv_cache"
+    directory = config.kv_cache_path
     digest = model_sha256(backend.params.model_path, directory / "model-sha256.json")
     return KVCache(directory if disk else None, ram_budget=ram, disk_budget=disk,
                    meta={"model_sha256": digest, **backend.state_format})
