@@ -42,6 +42,7 @@ from .server.keys import (
 from .server.session import set_session_cookie
 from .server.sockets import create_socketio
 from .services.chat import ChatService
+from .services.cluster import Cluster, join
 from .services.completions import CompletionService
 from .services.discussions import DiscussionService
 from .services.engine_control import EngineControl
@@ -122,7 +123,8 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     completions = CompletionService(settings, personalities, engine)
     app[COMPLETIONS] = completions
 
-    sio = create_socketio(config, app)
+    cluster = Cluster(config.socketio_redis_url) if config.socketio_redis_url else None
+    sio = create_socketio(config, app, redis_url=config.socketio_redis_url or None)
     sio.attach(app)
     app[SIO] = sio
     app.add_routes(routes_settings.routes)
@@ -132,6 +134,15 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     app.add_routes(routes_openai.routes)
     app[routes_ops.METRICS_REGISTRY] = routes_ops.metrics_registry(app)
     app.add_routes(routes_static.routes)  # last: holds the /{filename} catch-all
+
+    async def cluster_ctx(_app: web.Application) -> AsyncIterator[None]:
+        # first: a replica that cannot reach Redis refuses to start rather than serve
+        # sessions and stop_gen that the others do not see
+        assert cluster is not None
+        await cluster.start()
+        join(cluster, sessions, settings)
+        yield
+        await cluster.close()
 
     async def storage_ctx(_app: web.Application) -> AsyncIterator[None]:
         await store.start()
@@ -164,6 +175,8 @@ def build_app(config: Config, *, backend_factory: EngineLoader | None = load_eng
     async def stop_downloads(_app: web.Application) -> None:
         await models.shutdown()  # running installs stop and remove their partial files
 
+    if cluster is not None:
+        app.cleanup_ctx.append(cluster_ctx)
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(engine_ctx)
     app.on_shutdown.append(stop_downloads)

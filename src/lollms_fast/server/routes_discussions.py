@@ -6,7 +6,7 @@ from contextlib import aclosing
 
 from aiohttp import web
 
-from .keys import DISCUSSIONS, SETTINGS
+from .keys import DISCUSSIONS, SESSIONS, SETTINGS
 from .requests import (
     parse_int,
     query_int,
@@ -29,7 +29,8 @@ OK = {"status": True}
 @changes_state
 async def new_discussion(request: web.Request) -> web.Response:
     title = query_str(request, "title", required=False)
-    result = await request.app[DISCUSSIONS].new_discussion(client_session(request), title)
+    session = await client_session(request)
+    result = await request.app[DISCUSSIONS].new_discussion(session, title)
     return json_response(result)
 
 
@@ -37,7 +38,8 @@ async def new_discussion(request: web.Request) -> web.Response:
 async def load_discussion(request: web.Request) -> web.Response:
     data = await read_json_object(request)
     discussion_id = require_id(data)
-    body = await request.app[DISCUSSIONS].load_json(client_session(request), discussion_id)
+    session = await client_session(request)
+    body = await request.app[DISCUSSIONS].load_json(session, discussion_id)
     return json_bytes_response(body)
 
 
@@ -53,7 +55,8 @@ async def delete_discussion(request: web.Request) -> web.Response:
 async def rename(request: web.Request) -> web.Response:
     data = await read_json_object(request)
     title = require_field(data, "title", str)
-    await request.app[DISCUSSIONS].rename_current(client_session(request), title)
+    session = await client_session(request)
+    await request.app[DISCUSSIONS].rename_current(session, title)
     return json_response(OK)
 
 
@@ -96,7 +99,8 @@ async def message_rank_down(request: web.Request) -> web.Response:
 @routes.get("/delete_message", allow_head=False)  # HEAD must not change state
 @changes_state
 async def delete_message(request: web.Request) -> web.Response:
-    await request.app[DISCUSSIONS].delete_message(client_session(request),
+    session = await client_session(request)
+    await request.app[DISCUSSIONS].delete_message(session,
                                                   query_int(request, "id"))
     return json_response(OK)
 
@@ -136,7 +140,8 @@ async def export_multiple_discussions(request: web.Request) -> web.StreamRespons
 async def export_discussion(request: web.Request) -> web.Response:
     raw = query_str(request, "id", required=False)
     discussion_id = None if raw in (None, "") else parse_int("id", raw)
-    text = await request.app[DISCUSSIONS].export_text(client_session(request), discussion_id)
+    session = await client_session(request)
+    text = await request.app[DISCUSSIONS].export_text(session, discussion_id)
     return json_response({"discussion_text": text})
 
 
@@ -151,5 +156,6 @@ async def import_multiple_discussions(request: web.Request) -> web.Response:
 @routes.get("/stop_gen", allow_head=False)  # HEAD must not change state
 @changes_state
 async def stop_gen(request: web.Request) -> web.Response:
-    client_session(request).request_stop()
+    session = await client_session(request)
+    await request.app[SESSIONS].stop(session)
     return json_response(OK)

@@ -136,4 +136,5 @@ async def disk_usage_route(request: web.Request) -> web.Response:
 
 @routes.get("/get_generation_status")
 async def get_generation_status(request: web.Request) -> web.Response:
-    return json_response({"status": client_session(request).generating})
+    session = await client_session(request)
+    return json_response({"status": session.generating})

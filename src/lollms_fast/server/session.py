@@ -41,10 +41,10 @@ def session_id(request: web.Request) -> str:
     return minted
 
 
-def client_session(request: web.Request) -> ClientSession:
-    """This client's session (a new one if it has none yet, or it expired)."""
-    session, _ = request.app[SESSIONS].get_or_create(session_id(request))
-    return session
+async def client_session(request: web.Request) -> ClientSession:
+    """This client's session (a new one if it has none yet, or it expired); with replicas,
+    with the state the shared store holds for it."""
+    return await request.app[SESSIONS].fetch(session_id(request))
 
 
 def cookie_header(value: str, *, secure: bool) -> str:
@@ -61,11 +61,21 @@ def cookie_header(value: str, *, secure: bool) -> str:
     return morsel.OutputString()
 
 
+def _socket_behind_proxy(request: web.Request) -> bool:
+    """With replicas, an Engine.IO request without a cookie gets none: the proxy routes a
+    cookieless client by its address and one with the cookie by the cookie, so a cookie
+    minted on the handshake would send the next poll of the same connection to another
+    replica, which does not know it. Such a socket (a script; a browser has loaded the page
+    first and has its cookie) keeps a session for the life of its connection."""
+    return (request.app[SESSIONS].mirror is not None
+            and request.path.startswith("/socket.io/"))
+
+
 async def set_session_cookie(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare`: a client without a valid cookie receives its id. A client
     that sent a valid one is not sent it again. (The header is added directly: aiohttp has
     already turned `response.cookies` into headers when this signal runs.)"""
     session_id(request)
-    if request.get(_ISSUED):
+    if request.get(_ISSUED) and not _socket_behind_proxy(request):
         response.headers.add(hdrs.SET_COOKIE,
                              cookie_header(request[_SESSION_ID], secure=request.secure))

@@ -24,6 +24,7 @@ import socketio
 from aiohttp import web
 
 from ..config import Config
+from ..services.cluster import SOCKETIO_CHANNEL
 from ..services.sessions import ClientSession
 from .keys import CHAT, MODELS, SESSIONS, SETTINGS
 from .middlewares import key_matches, presented_key
@@ -95,9 +96,16 @@ def wants_delta(environ: dict[str, Any], auth: Any) -> bool:
     return "delta" in query.get("stream", [])
 
 
-def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServer:
-    """The Socket.IO server, its lollms events served from `app`'s services."""
+def create_socketio(config: Config, app: web.Application, *, redis_url: str | None = None
+                    ) -> socketio.AsyncServer:
+    """The Socket.IO server, its lollms events served from `app`'s services. With
+    `redis_url` (replicas), python-socketio's Redis manager carries emits to clients
+    connected to other processes; the streamed pieces are sent to this process's own
+    connections directly (`emitter`) and never touch Redis."""
+    manager = (socketio.AsyncRedisManager(redis_url, channel=SOCKETIO_CHANNEL)
+               if redis_url else None)
     sio = socketio.AsyncServer(
+        client_manager=manager,
         async_mode="aiohttp",
         cors_allowed_origins=allowed_origins(config),
         ping_interval=15,
@@ -123,7 +131,8 @@ def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServe
             if not key_matches(expected, presented):
                 log.info("refused Socket.IO connection %s: missing or wrong API key", sid)
                 return False
-        session = client_session(request) if request is not None else app[SESSIONS].create()
+        session = (await client_session(request) if request is not None
+                   else app[SESSIONS].create())
         connections[sid] = Connection(session, wants_delta(environ, auth))
         log.debug("socket connected %s", sid)
         return True
@@ -185,7 +194,7 @@ def create_socketio(config: Config, app: web.Application) -> socketio.AsyncServe
     async def stop(sid: str, *args: Any) -> None:
         conn = connections.get(sid)
         if conn is not None:
-            conn.session.request_stop()
+            await app[SESSIONS].stop(conn.session)
 
     sio.on("stop_gen", stop)
     sio.on("cancel_generation", stop)

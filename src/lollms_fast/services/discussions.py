@@ -69,6 +69,8 @@ class DiscussionService:
         if not await self.store.delete(discussion_id):
             raise NotFound(f"discussion {discussion_id} not found")
         self.sessions.forget_discussion(discussion_id)
+        if self.sessions.mirror is not None:  # other replicas' sessions forget it too
+            await self.sessions.mirror.publish("forget", discussion=discussion_id)
 
     async def rename_current(self, session: ClientSession, title: str) -> int:
         if session.discussion_id is None:
@@ -98,7 +100,8 @@ class DiscussionService:
         if discussion_id is None or not await self.store.delete_message(message_id):
             raise NotFound(f"message {message_id} not found")
         if session.last_message_id == message_id:
-            session.last_message_id = await self.store.last_message_id(discussion_id)
+            session.select(session.discussion_id,
+                           await self.store.last_message_id(discussion_id))
 
     async def check_exist(self, ids: Sequence[int]) -> None:
         missing = await self.store.missing(ids)

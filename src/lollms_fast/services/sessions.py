@@ -9,6 +9,12 @@ long as the process. Every client gets an id on its first response, before it ha
 (static files must not fill the LRU), and the entry is created when a route first needs it.
 Only ids the store minted can create an entry that way, so a client cannot choose its id
 (no session fixation with arbitrary ids); anything else is a fresh id.
+
+Replicas (`socketio_redis_url`): a `SessionMirror` (services/cluster.py) gives every replica
+the same secret, keeps each session's state in Redis (written on every change, read on every
+`fetch`, so whichever replica a browser reaches knows its discussion), and carries `stop`
+to the replica running the session's generation. Stop callbacks and the generating flag
+stay in the process that runs the generation.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 COOKIE_NAME = "lollms_session"
 MAX_SESSIONS = 10_000
@@ -42,10 +49,15 @@ class ClientSession:
     last_seen: float = field(default_factory=time.monotonic)
     # set by the generation service while an answer runs; called by stop_gen
     stop_callbacks: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # told of every change of the state above (the store's mirror, with replicas)
+    on_change: Callable[[ClientSession], None] | None = field(default=None, repr=False,
+                                                                compare=False)
 
     def select(self, discussion_id: int | None, last_message_id: int | None) -> None:
         self.discussion_id = discussion_id
         self.last_message_id = last_message_id
+        if self.on_change is not None:
+            self.on_change(self)
 
     def request_stop(self) -> bool:
         """Ask this client's running generation(s) to stop; True if one was running."""
@@ -53,6 +65,22 @@ class ClientSession:
         for cb in callbacks:
             cb()
         return bool(callbacks) or self.generating
+
+
+class SessionMirror(Protocol):
+    """Where sessions outlive this process and are shared with other replicas (Redis)."""
+
+    secret: bytes
+
+    def save_session(self, session_id: str, discussion_id: int | None,
+                     last_message_id: int | None) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def load_session(self, session_id: str
+                           ) -> tuple[int | None, int | None] | None: ...
+
+    async def publish(self, op: str, **fields: object) -> None: ...
 
 
 class SessionStore:
@@ -64,9 +92,48 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.ttl = ttl
         self._clock = clock
-        # per process: a restart forgets the sessions, and their ids stop verifying with them
+        # per process unless a mirror gives the replicas' shared one: a restart forgets the
+        # sessions, and their ids stop verifying with them
         self._secret = secret or secrets.token_bytes(32)
         self._sessions: OrderedDict[str, ClientSession] = OrderedDict()
+        self.mirror: SessionMirror | None = None
+
+    def attach(self, mirror: SessionMirror) -> None:
+        """Share sessions with other replicas (before the first request is served)."""
+        self.mirror = mirror
+        self._secret = mirror.secret
+
+    def _mirrored(self, session: ClientSession) -> None:
+        if self.mirror is not None:
+            self.mirror.save_session(session.id, session.discussion_id,
+                                     session.last_message_id)
+
+    async def fetch(self, session_id: str | None) -> ClientSession:
+        """`get_or_create`, and with a mirror the state other replicas (or this process
+        before a restart) left for it: the shared state wins over this process's copy."""
+        if self.mirror is None:
+            return self.get_or_create(session_id)[0]
+        await self.mirror.flush()  # this process's own last change is readable
+        session, created = self.get_or_create(session_id)
+        stored = await self.mirror.load_session(session.id)
+        if stored is not None:
+            session.discussion_id, session.last_message_id = stored
+        elif not created and session.discussion_id is not None:
+            self._mirrored(session)  # Redis lost it (restart, eviction): written again
+        return session
+
+    async def stop(self, session: ClientSession) -> bool:
+        """stop_gen: this process's generations of the session stop; with replicas, the
+        others are told too (the generation may run on the one that held the session
+        before). True if one was running here."""
+        stopped = session.request_stop()
+        if self.mirror is not None:
+            await self.mirror.publish("stop", session=session.id)
+        return stopped
+
+    def stop_local(self, session_id: str) -> bool:
+        session = self._sessions.get(session_id)
+        return session.request_stop() if session is not None else False
 
     def _tag(self, nonce: str) -> str:
         digest = hmac.new(self._secret, nonce.encode("ascii"), hashlib.sha256).digest()
@@ -122,6 +189,8 @@ class SessionStore:
         while len(self._sessions) >= self.max_sessions:
             self._sessions.popitem(last=False)
         session = ClientSession(session_id, last_seen=self._clock())
+        if self.mirror is not None:
+            session.on_change = self._mirrored
         self._sessions[session.id] = session
         return session
 
@@ -134,7 +203,9 @@ class SessionStore:
             self._sessions.popitem(last=False)
 
     def forget_discussion(self, discussion_id: int) -> None:
-        """A discussion was deleted: no session keeps it as current."""
+        """A discussion was deleted: no session of this process keeps it as current (other
+        replicas are told by the discussions service; a session only Redis still points at
+        it finds it gone, which every route treats as "none selected")."""
         for session in self._sessions.values():
             if session.discussion_id == discussion_id:
                 session.select(None, None)

@@ -10,11 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import DEFAULT_MODEL_FILE, SETTINGS, Config, reload_keys, reset_config, validate
+from ..config import (
+    DEFAULT_MODEL_FILE,
+    KEPT_ON_RESET,
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    Config,
+    reload_keys,
+    reset_config,
+    validate,
+)
 from ..errors import BadRequest, LollmsError, NotFound
 from ..personalities.loader import safe_name
 
@@ -62,6 +71,10 @@ class SettingsService:
         self._apply_lock = asyncio.Lock()
         self.library = library
         self.engine = engine
+        # replicas: told of every change applied here and of every save (services/cluster.py
+        # publishes them; the other replicas call apply_remote / save)
+        self.on_applied: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+        self.on_saved: Callable[[], Awaitable[None]] | None = None
 
     @property
     def config(self) -> Config:
@@ -122,20 +135,40 @@ class SettingsService:
             return False
         return bool(reload_keys(self._config, self._config.updated(changes)))
 
-    async def apply_changes(self, changes: Mapping[str, Any]) -> list[str]:
+    async def apply_changes(self, changes: Mapping[str, Any], *, share: bool = True
+                            ) -> list[str]:
         """Apply checked changes and return the errors. Changes needing a new engine are
         applied one set at a time: the engine is reloaded (off the event loop, the old one
-        serving until the new one is loaded) and the config is kept only if that worked."""
+        serving until the new one is loaded) and the config is kept only if that worked.
+        Applied changes go to the other replicas unless `share` is false."""
         if not self._needs_engine(changes):
             self.update(changes)
-            return []
-        assert self.engine is not None
-        async with self._apply_lock:
-            errors = await self.engine.apply(self._config.updated(changes))
-            if not errors:
-                # applied on top of the current config: changes made meanwhile are kept
-                self.update(changes)
-            return errors
+            errors: list[str] = []
+        else:
+            assert self.engine is not None
+            async with self._apply_lock:
+                errors = await self.engine.apply(self._config.updated(changes))
+                if not errors:
+                    # applied on top of the current config: changes made meanwhile are kept
+                    self.update(changes)
+        if not errors and changes and share and self.on_applied is not None:
+            await self.on_applied(dict(changes))
+        return errors
+
+    async def apply_remote(self, raw: Mapping[str, Any]) -> list[str]:
+        """Changes another replica applied: checked here as if a client sent them (this
+        machine's model files and personalities), never those of where the data lives or
+        of a secret, and not passed on again."""
+        allowed = {k: v for k, v in raw.items()
+                   if k in SETTINGS_BY_NAME and k not in KEPT_ON_RESET
+                   and not SETTINGS_BY_NAME[k].secret}
+        if len(allowed) != len(raw):
+            log.warning("ignored settings from another replica: %s",
+                        ", ".join(sorted(set(raw) - set(allowed))))
+        errors = await self.apply_changes(await self.checked(allowed), share=False)
+        if errors:
+            log.error("settings from another replica not applied here: %s", "; ".join(errors))
+        return errors
 
     # ------------------------------------------------------------ the lollms operations
 
@@ -171,6 +204,8 @@ class SettingsService:
     async def save_reply(self) -> Reply:
         try:
             await self.save()
+            if self.on_saved is not None:
+                await self.on_saved()
         except OSError as exc:
             log.error("cannot save the configuration: %s", exc)
             return {"status": False, "error": f"cannot write the configuration file: "
