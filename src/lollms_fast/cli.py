@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="debug logging, one line per request")
     serve.add_argument("--access-log", dest="access_log", action="store_const", const=True,
                        default=None, help="log one line per request (never keys or bodies)")
+    serve.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="run N server processes on ports PORT .. PORT+N-1 behind your "
+                            "proxy (one machine; see docs/deployment.md)")
 
     models = sub.add_parser("models", help="list the models available to the server",
                             description="List GGUF files in the models folder.")
@@ -271,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":  # a client of some server: no config of its own
         return cmd_bench(args)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
+    replicas = flags.pop("replicas", None)
     try:
         key_file = flags.pop("api_key_file", None)
         if key_file is not None:
@@ -283,4 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "models":
         return cmd_models(config)
+    if replicas is not None and replicas != 1:
+        from . import replicas as supervisor
+
+        return supervisor.supervise(config, replicas, supervisor.child_argv(args, SERVE_FLAGS))
     return cmd_serve(config)
