@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,33 @@ async def rest_client(aiohttp_client: Any, make_config: Callable[..., Config]) -
 async def other_client(aiohttp_client: Any, rest_client: Any) -> Any:
     """A second client (its own cookie jar) of the same server."""
     return await aiohttp_client(rest_client.server)
+
+
+# ---------------------------------------------------------------- PostgreSQL and Redis
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One throwaway PostgreSQL cluster for the session (tests/servicekit.py)."""
+    from servicekit import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> str:
+    """A fresh, empty database on the session's PostgreSQL server (its URL)."""
+    return str(postgres_server.create_database())
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """One redis-server for the session, no persistence (tests/servicekit.py)."""
+    from servicekit import RedisServer
+
+    with RedisServer() as server:
+        yield server
 
 
 # ---------------------------------------------------------------- headless Chromium
