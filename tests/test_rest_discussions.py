@@ -1,14 +1,52 @@
-"""Discussion and message routes (SPEC 2) on a real server and a real SQLite file."""
+"""Discussion and message routes (SPEC 2) on a real server, each test run twice: on a real
+SQLite file and on a real PostgreSQL database (tests/servicekit.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from lollms_fast.config import Config
 from lollms_fast.server.keys import DISCUSSIONS
+from lollms_fast.storage.discussions import SQLiteStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The store under test: "" is the SQLite file of the data dir."""
+    return "" if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def rest_client(aiohttp_client: Any, make_config: Callable[..., Config],
+                      db_url: str) -> Any:
+    """conftest's rest_client, on either store."""
+    from conftest import REST_BODY_LIMIT
+
+    from lollms_fast.app import build_app
+
+    config = make_config(max_body_size=REST_BODY_LIMIT, db_url=db_url)
+    return await aiohttp_client(build_app(config, backend_factory=None))
+
+
+async def count_messages(client: TestClient, discussion_id: int) -> int:
+    """Rows in the message table for this discussion, read behind the store's back."""
+    store = client.server.app[DISCUSSIONS].store
+    if isinstance(store, SQLiteStore):
+        return int(await store.db.read(lambda c: c.execute(
+            "SELECT count(*) FROM message WHERE discussion_id = ?",
+            (discussion_id,)).fetchone()[0]))
+    conn = await asyncpg.connect(store.url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM message WHERE discussion_id = $1",
+                                       discussion_id))
+    finally:
+        await conn.close()
 
 
 async def ok_json(resp: Any, status: int = 200) -> Any:
@@ -92,10 +130,7 @@ async def test_delete_discussion_deletes_messages(rest_client: TestClient) -> No
         "status": True}
     assert [x["id"] for x in await ok_json(await rest_client.get("/list_discussions"))] == [keep]
     await ok_json(await rest_client.post("/load_discussion", json={"id": d}), 404)
-    db = rest_client.server.app[DISCUSSIONS].store.db
-    orphans = await db.read(lambda c: c.execute(
-        "SELECT count(*) FROM message WHERE discussion_id = ?", (d,)).fetchone()[0])
-    assert orphans == 0
+    assert await count_messages(rest_client, d) == 0
     # deleting the current discussion: rename has nothing to act on any more
     await rest_client.post("/load_discussion", json={"id": keep})
     await rest_client.post("/delete_discussion", json={"id": keep})
@@ -219,13 +254,12 @@ async def test_export_of_empty_database(rest_client: TestClient) -> None:
 
 
 async def test_export_streams_many_discussions(rest_client: TestClient) -> None:
-    from lollms_fast.storage.base import EXPORT_BATCH, NewMessage
+    from lollms_fast.storage.base import EXPORT_BATCH, ImportedDiscussion, NewMessage
 
     store = rest_client.server.app[DISCUSSIONS].store
     count = EXPORT_BATCH * 2 + 7
-    await store.db.write(lambda c: c.executemany(
-        "INSERT INTO discussion (title) VALUES (?)", [(f"t{i}",) for i in range(count)]))
-    await store.add_message(1, NewMessage("user", "x"))
+    ids = await store.import_many([ImportedDiscussion(f"t{i}", []) for i in range(count)])
+    await store.add_message(ids[0], NewMessage("user", "x"))
     resp = await rest_client.get("/export")
     assert resp.headers.get("Transfer-Encoding") == "chunked"  # streamed, not one body
     exported = await ok_json(resp)
@@ -405,3 +439,24 @@ async def test_listings_round_trip_awkward_text(rest_client: TestClient) -> None
     assert listed == [{"id": d, "title": awkward}]
     last = (await load(rest_client, d))[-1]
     assert last["content"] == awkward and last["sender"] == awkward and last["parent"] is None
+
+
+async def test_nul_in_user_text_is_400_on_every_store(rest_client: TestClient) -> None:
+    """PostgreSQL text cannot hold U+0000: what users send with one is refused, whatever the
+    store, and nothing changes."""
+    d = (await new_discussion(rest_client, "kept"))["id"]
+    welcome = (await load(rest_client, d))[-1]["id"]
+    before = await snapshot(rest_client)
+    err = await ok_json(await rest_client.get("/new_discussion", params={"title": "a\x00b"}),
+                        400)
+    assert "NUL" in err["error"]
+    await ok_json(await rest_client.post("/rename", json={"title": "\x00"}), 400)
+    await ok_json(await rest_client.post("/edit_title", json={"id": d, "title": "x\x00"}), 400)
+    await ok_json(await rest_client.get("/update_message",
+                                        params={"id": welcome, "message": "a\x00"}), 400)
+    for message in ({"sender": "u\x00", "content": "c"}, {"sender": "u", "content": "\x00"}):
+        await ok_json(await rest_client.post("/import_multiple_discussions", json={
+            "jArray": [{"title": "t", "messages": [message]}]}), 400)
+    await ok_json(await rest_client.post("/import_multiple_discussions", json={
+        "jArray": [{"title": "t\x00", "messages": []}]}), 400)
+    assert await snapshot(rest_client) == before

@@ -36,6 +36,14 @@ def parse_id(name: str, value: Any) -> int:
     return parse_int(name, value, lo=0)
 
 
+def check_text(name: str, value: str) -> str:
+    """Text a user sends to be stored: it must not hold U+0000, which PostgreSQL text cannot
+    store (SQLite could). Refused for every store, so both behave the same."""
+    if "\x00" in value:
+        raise BadRequest(f"{name} must not contain the NUL character (U+0000)")
+    return value
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object (BadRequest otherwise)."""
     if not body:

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from ..errors import BadRequest, Conflict, NotFound, PayloadTooLarge
-from ..parsing import parse_int, parse_json_object
+from ..parsing import check_text, parse_int, parse_json_object
 from ..storage.base import (
     MSG_CONDITIONING,
     MSG_NORMAL,
@@ -43,6 +43,8 @@ class DiscussionService:
 
     async def new_discussion(self, session: ClientSession, title: str | None
                              ) -> dict[str, Any]:
+        if title is not None:
+            check_text("title", title)
         personality = await self.personalities.current()
         now = _dt.datetime.now()
         welcome = personality.welcome_message(now)
@@ -73,6 +75,7 @@ class DiscussionService:
             await self.sessions.mirror.publish("forget", discussion=discussion_id)
 
     async def rename_current(self, session: ClientSession, title: str) -> int:
+        check_text("title", title)
         if session.discussion_id is None:
             raise Conflict("no discussion is selected: create or load one first")
         discussion_id = session.discussion_id
@@ -82,10 +85,12 @@ class DiscussionService:
         return discussion_id
 
     async def edit_title(self, discussion_id: int, title: str) -> None:
+        check_text("title", title)
         if not await self.store.rename(discussion_id, title):
             raise NotFound(f"discussion {discussion_id} not found")
 
     async def update_message(self, message_id: int, content: str) -> None:
+        check_text("message", content)
         if not await self.store.update_content(message_id, content):
             raise NotFound(f"message {message_id} not found")
 
@@ -152,6 +157,8 @@ def _message(raw: Any, where: str) -> ImportedMessage:
     sender, content = raw.get("sender"), raw.get("content")
     if not isinstance(sender, str) or not isinstance(content, str):
         raise BadRequest(f"{where} needs text fields 'sender' and 'content'")
+    check_text(f"{where}.sender", sender)
+    check_text(f"{where}.content", content)
     created = raw.get("created_at")
     if created is not None and not (isinstance(created, str) and _DATE.match(created)):
         # the column has SQLite's NUMERIC affinity: text that looks like a number would be
@@ -193,6 +200,8 @@ def parse_import(raw: Any, max_items: int) -> list[ImportedDiscussion]:
         title = d.get("title")
         if title is not None and not isinstance(title, str):
             raise BadRequest(f"{where}.title must be text or null")
+        if title is not None:
+            check_text(f"{where}.title", title)
         messages = d.get("messages", [])
         if not isinstance(messages, list):
             raise BadRequest(f"{where}.messages must be a list")
