@@ -134,43 +134,64 @@ def install_counter_personality(data_dir: Path) -> None:
     (folder / "config.yaml").write_text(COUNTER_PERSONALITY, encoding="utf-8")
 
 
+@dataclass
+class ServerProcess:
+    """A server started by `spawn_server`: its URL and its process (for signals)."""
+
+    base: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Any
+
+    def output(self) -> str:
+        """What it has logged so far (the last 4000 characters)."""
+        self.log.seek(0)
+        return str(self.log.read().decode(errors="replace")[-4000:])
+
+
 @contextmanager
-def server_process(data_dir: Path, model: Path, *args: str, timeout: float = 120,
-                   env: dict[str, str] | None = None) -> Iterator[str]:
-    """`python -m lollms_fast serve` as a child process on a free loopback port, with no
-    LOLLMS_* variable of the test's environment (only those of `env`); yields its base URL
-    once `/health` says the model is loaded, and kills it at the end. `args`: more serve
-    flags. Its log goes to a temporary file (a pipe nobody reads could fill up and block
-    it), shown if it fails to start."""
-    port = free_port()
+def spawn_server(data_dir: Path, model: Path, *args: str, timeout: float = 120,
+                 env: dict[str, str] | None = None, port: int | None = None
+                 ) -> Iterator[ServerProcess]:
+    """`python -m lollms_fast serve` as a child process on a loopback port (a free one
+    unless given), with no LOLLMS_* variable of the test's environment (only those of
+    `env`); yields once `/health` says the model is loaded, and kills it at the end.
+    `args`: more serve flags. Its log goes to a temporary file (a pipe nobody reads could
+    fill up and block it), shown if it fails to start."""
+    port = port or free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOLLMS_")},
            **(env or {})}
     cmd = [sys.executable, "-m", "lollms_fast", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data_dir), "--model", str(model), *args]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        base = f"http://127.0.0.1:{port}"
-
-        def failed(why: str) -> AssertionError:
-            log.seek(0)
-            return AssertionError(f"{why}:\n" + log.read().decode(errors="replace")[-4000:])
-
+        server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, log)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    raise failed(f"the server exited with status {proc.returncode}")
+                    raise AssertionError(f"the server exited with status {proc.returncode}:"
+                                         f"\n{server.output()}")
                 try:
-                    with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                    with urllib.request.urlopen(server.base + "/health", timeout=2) as resp:
                         if resp.status == 200:
                             break
                 except OSError:  # refused, or 503 while the model loads (HTTPError)
                     pass
                 if time.monotonic() > deadline:
-                    raise failed(f"the server did not start within {timeout} s")
+                    raise AssertionError(f"the server did not start within {timeout} s:\n"
+                                         f"{server.output()}")
                 time.sleep(0.2)
-            yield base
+            yield server
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+@contextmanager
+def server_process(data_dir: Path, model: Path, *args: str, timeout: float = 120,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """`spawn_server`, yielding only its base URL."""
+    with spawn_server(data_dir, model, *args, timeout=timeout, env=env) as server:
+        yield server.base

@@ -1,0 +1,122 @@
+"""Real nginx for the replica tests: the shipped deploy/nginx.conf, with only its listen port
+and its upstream `server` lines changed, inside a minimal main configuration in a temporary
+folder (Debian's `nginx` package, installed like the other servers of servicekit.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from servicekit import _Server, _wait, need_tool
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "deploy" / "nginx.conf"
+UPSTREAM_HEADER = "X-Test-Upstream"
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
+
+
+def render_site(text: str, listen: int, upstreams: Sequence[int]) -> str:
+    """deploy/nginx.conf for this test: its `listen` port and its `server 127.0.0.1:PORT`
+    lines (in order) replaced; nothing else touched."""
+    servers = re.findall(r"^\s*server\s+127\.0\.0\.1:\d+\b", text, flags=re.M)
+    assert len(servers) == len(upstreams), (servers, upstreams)
+    ports = iter(upstreams)
+    text = re.sub(r"(^\s*server\s+127\.0\.0\.1:)\d+\b",
+                  lambda m: f"{m.group(1)}{next(ports)}", text, flags=re.M)
+    text, n = re.subn(r"(^\s*listen\s+)(?:[\d.]+:)?\d+", rf"\g<1>127.0.0.1:{listen}", text,
+                      count=1, flags=re.M)
+    assert n == 1, "deploy/nginx.conf has no listen line"
+    return text
+
+
+def main_config(prefix: Path, site: Path, port_header: bool) -> str:
+    """A minimal nginx.conf around the site file: everything under `prefix`, one worker, and
+    (for the tests only) a response header naming the replica that answered."""
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"    {kind}_temp_path {prefix / kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    header = f"    add_header {UPSTREAM_HEADER} $upstream_addr always;\n" if port_header else ""
+    return (f"{user}worker_processes 1;\ndaemon off;\npid {prefix / 'nginx.pid'};\n"
+            f"error_log {prefix / 'error.log'} warn;\n"
+            "events { worker_connections 1024; }\n"
+            "http {\n"
+            f"    access_log off;\n{temp}\n{header}"
+            f"    include {site};\n"
+            "}\n")
+
+
+class NginxServer(_Server):
+    """nginx serving deploy/nginx.conf on a free loopback port in front of `upstreams`."""
+
+    def __init__(self, upstreams: Sequence[int], listen: int, *,
+                 port_header: bool = True) -> None:
+        self.binary = need_tool(find_nginx, ["nginx"])
+        self.upstreams = list(upstreams)
+        self.port = listen
+        self.port_header = port_header
+        self.dir = Path()
+        self.url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> Path:
+        self.dir = Path(tempfile.mkdtemp(prefix="lollms-nginx-"))
+        site = self.dir / "site.conf"
+        site.write_text(render_site(SITE.read_text(encoding="utf-8"), self.port,
+                                    self.upstreams), encoding="utf-8")
+        conf = self.dir / "nginx.conf"
+        conf.write_text(main_config(self.dir, site, self.port_header), encoding="utf-8")
+        return conf
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """`nginx -t` on the configuration (written first if needed)."""
+        conf = self.dir / "nginx.conf" if self.dir.name else self.write_config()
+        return subprocess.run([self.binary, "-t", "-p", str(self.dir), "-c", str(conf)],
+                              capture_output=True, text=True)
+
+    def start(self) -> None:
+        conf = self.write_config()
+        log = (self.dir / "stderr").open("wb")
+        self._proc = subprocess.Popen([self.binary, "-p", str(self.dir), "-c", str(conf)],
+                                      stdout=log, stderr=subprocess.STDOUT)
+        _wait(self._answers, "nginx")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _answers(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError("nginx exited: " + self.errors())
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def errors(self) -> str:
+        out = ""
+        for name in ("stderr", "error.log"):
+            path = self.dir / name
+            if path.exists():
+                out += path.read_text(errors="replace")[-3000:]
+        return out
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()  # SIGTERM: fast shutdown
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self.dir.name:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = Path()
