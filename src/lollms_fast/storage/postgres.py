@@ -60,7 +60,12 @@ _LOST: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    # a connection left in a broken state by a server that went away while it was idle
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
+# what leaves a connection unusable: it is closed and the pool makes a new one
+_BROKEN = _LOST
 
 
 def no_nul(text: str) -> str:
@@ -259,23 +264,58 @@ class PostgresStore:
             raise StorageUnavailable("the database is unreachable; try again shortly") from None
 
     async def _write(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """`fn(conn)` in one transaction on the writer connection, one write at a time."""
+        """`fn(conn)` in one transaction on the writer connection, one write at a time. A
+        connection found dead before the transaction began is replaced and the write tried
+        once more (nothing was sent); lost during it, the outcome is unknown: a 503."""
         if self._writer is None:
             raise RuntimeError("the store is closed")
         async with self._write_lock, self._guard():
-            async with self._writer.acquire() as conn, conn.transaction():
-                return await fn(conn)
+            for attempt in range(2):
+                async with self._writer.acquire() as conn:
+                    tr = conn.transaction()
+                    try:
+                        await tr.start()
+                    except _BROKEN:
+                        conn.terminate()  # the pool connects afresh on the next acquire
+                        if attempt:
+                            raise
+                        continue
+                    try:
+                        result = await fn(conn)
+                    except _BROKEN:
+                        conn.terminate()
+                        raise
+                    except BaseException:
+                        await tr.rollback()
+                        raise
+                    try:
+                        await tr.commit()
+                    except _BROKEN:
+                        conn.terminate()
+                        raise
+                    return result
+        raise AssertionError("unreachable")
 
     async def _read(self, fn: Callable[[Any], Awaitable[T]], *, snapshot: bool = False) -> T:
         """`fn(conn)` on a reader; inside one read-only snapshot when it runs several
-        queries."""
+        queries. Reads change nothing, so a dead connection is replaced and the read tried
+        once more before answering 503."""
         if self._readers is None:
             raise RuntimeError("the store is closed")
-        async with self._guard(), self._readers.acquire() as conn:
-            if not snapshot:
-                return await fn(conn)
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await fn(conn)
+        async with self._guard():
+            for attempt in range(2):
+                async with self._readers.acquire() as conn:
+                    try:
+                        if not snapshot:
+                            return await fn(conn)
+                        async with conn.transaction(isolation="repeatable_read",
+                                                    readonly=True):
+                            return await fn(conn)
+                    except _BROKEN:
+                        conn.terminate()
+                        if attempt:
+                            raise
+        raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------- reads
 
