@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from test_chat_scripted import scripted_loader
 
 from chatkit import Browser
 from lollms_fast.app import build_app
@@ -24,7 +25,6 @@ from lollms_fast.server.keys import SESSIONS, SETTINGS
 from lollms_fast.services.cluster import ClusterError
 from lollms_fast.services.sessions import COOKIE_NAME
 from servicekit import RedisServer
-from test_chat_scripted import scripted_loader
 
 Factory = Callable[..., Awaitable[TestServer]]
 

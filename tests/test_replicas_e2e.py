@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import socketio
 
@@ -148,6 +149,26 @@ async def test_stop_gen_through_another_replica_stops_the_answer(stack: Stack) -
             await second.disconnect()
     finally:
         await b.close()
+
+
+async def test_engineio_polling_of_a_client_that_keeps_cookies_stays_on_one_replica(
+        stack: Stack) -> None:
+    """A script whose first contact is the Engine.IO handshake, with a cookie jar: nginx
+    routes it by address; were the handshake to set a session cookie, its next request
+    would be routed by that cookie, to another replica most of the time, which does not
+    know the Engine.IO session (400)."""
+    for _ in range(6):
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            query = {"EIO": "4", "transport": "polling"}
+            async with http.get(stack.url + "/socket.io/", params=query) as resp:
+                assert resp.status == 200
+                opened = orjson.loads((await resp.read())[1:])
+                first = resp.headers[UPSTREAM_HEADER]
+            async with http.post(stack.url + "/socket.io/", data=b"40",
+                                 params={**query, "sid": opened["sid"]}) as resp:
+                assert resp.status == 200, await resp.text()
+                assert resp.headers[UPSTREAM_HEADER] == first
 
 
 async def export_all(url: str) -> list[dict[str, Any]]:
