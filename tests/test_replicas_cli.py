@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -127,24 +126,6 @@ def test_kv_cache_dir_setting_places_the_disk_tier(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- nginx
 
 
-def find_nginx() -> str | None:
-    return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)),
-        None)
-
-
-def nginx_site(listen: int, ports: list[int]) -> str:
-    """deploy/nginx.conf with another listen port and upstream servers (what the end-to-end
-    tests substitute; nothing else)."""
-    text = NGINX_CONF.read_text(encoding="utf-8")
-    lines = re.findall(r"^ +server 127\.0\.0\.1:\d+ .*;$", text, flags=re.M)
-    assert len(lines) == len(ports) == 3
-    for line, port in zip(lines, ports, strict=True):
-        text = text.replace(line, re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", line))
-    assert text.count("listen 8080;") == 1
-    return text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
-
-
 def nginx_main(prefix: Path, site: Path) -> str:
     return (f"daemon off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
             "events {}\nhttp {\n"
@@ -154,11 +135,15 @@ def nginx_main(prefix: Path, site: Path) -> str:
 
 
 def test_nginx_conf_is_accepted_by_nginx(tmp_path: Path) -> None:
+    from proxykit import find_nginx, render_site
     from servicekit import need_tool
 
     nginx = need_tool(find_nginx, ["nginx"])
     site = tmp_path / "lollms-fast.conf"
-    site.write_text(nginx_site(18080, [19601, 19602, 19603]), encoding="utf-8")
+    text = NGINX_CONF.read_text(encoding="utf-8")
+    assert re.search(r"^\s*listen 8080;$", text, flags=re.M)
+    assert len(re.findall(r"^\s*server 127\.0\.0\.1:960[123] .*;$", text, flags=re.M)) >= 3
+    site.write_text(render_site(text, 18080, [19601, 19602, 19603]), encoding="utf-8")
     main_conf = tmp_path / "nginx.conf"
     main_conf.write_text(nginx_main(tmp_path, site), encoding="utf-8")
     result = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
