@@ -19,7 +19,7 @@ from .config import DEFAULT_MODEL_FILE, Config, ConfigError, load_config
 from .errors import LollmsError
 from .modelfiles import list_models, resolve_model, stderr_progress
 
-COMMANDS = ("serve", "bench", "models")
+COMMANDS = ("serve", "bench", "models", "migrate")
 
 # flag -> config key; every serve flag maps to one setting
 SERVE_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -87,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
                "run could not start. With --api lollms, --max-tokens and the sampling options "
                "given are set on the server with update_setting for the run (in memory, with "
                "override_personality_model_parameters on) and set back afterwards."))
+    migrate = sub.add_parser(
+        "migrate", help="copy every discussion from one database to another",
+        description="Copy every discussion and message, ids and dates kept, from one store "
+                    "into an empty other (SQLite -> PostgreSQL for replicas, or back), then "
+                    "verify every row. The source is never modified. See docs/storage.md.",
+        epilog="Exit status: 0 copied and verified, 1 refused (nothing written) or not "
+               "verified, 2 a database that cannot be opened.")
+    migrate.add_argument("--from", dest="source", required=True, metavar="URL",
+                         help="sqlite:///path (relative to the current folder) or "
+                              "postgresql://user:pw@host/db")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL",
+                         help="an empty database, same forms")
+    migrate.add_argument("--adopt-orphans", action="store_true",
+                         help="copy messages whose discussion was deleted into recreated "
+                              "discussions (refused without it)")
+    migrate.add_argument("--replace-nul", action="store_true",
+                         help="write U+FFFD for U+0000 in text going to PostgreSQL "
+                              "(refused without it)")
     return parser
 
 
@@ -273,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(normalise_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "bench":  # a client of some server: no config of its own
         return cmd_bench(args)
+    if args.command == "migrate":  # two databases named on the command line, no config
+        from .storage import copy
+
+        return copy.run(args.source, args.target, root=Path.cwd(),
+                        adopt_orphans=args.adopt_orphans, replace_nul=args.replace_nul)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     replicas = flags.pop("replicas", None)
     try:
