@@ -21,8 +21,6 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import asyncpg
-
 from . import redact_url
 from .base import (
     EXPORT_BATCH,
@@ -32,6 +30,12 @@ from .base import (
     NewMessage,
     StorageError,
 )
+
+try:
+    import asyncpg
+except ImportError:  # an install without the `replicas` extra
+    raise StorageError("a postgresql:// database needs asyncpg: "
+                       "pip install 'lollms-fast[replicas]'") from None
 
 log = logging.getLogger("lollms_fast.storage")
 
