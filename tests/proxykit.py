@@ -26,13 +26,29 @@ def find_nginx() -> str | None:
 
 
 def render_site(text: str, listen: int, upstreams: Sequence[int]) -> str:
-    """deploy/nginx.conf for this test: its `listen` port and its `server 127.0.0.1:PORT`
-    lines (in order) replaced; nothing else touched."""
-    servers = re.findall(r"^\s*server\s+127\.0\.0\.1:\d+\b", text, flags=re.M)
-    assert len(servers) == len(upstreams), (servers, upstreams)
-    ports = iter(upstreams)
-    text = re.sub(r"(^\s*server\s+127\.0\.0\.1:)\d+\b",
-                  lambda m: f"{m.group(1)}{next(ports)}", text, flags=re.M)
+    """deploy/nginx.conf for this run: its `listen` port, and in each `upstream` block its
+    `server 127.0.0.1:PORT ...;` lines replaced by one line per port (same parameters as
+    the block's first line); nothing else touched."""
+    line = re.compile(r"^(\s*server\s+127\.0\.0\.1:)\d+\b(.*)$")
+    out: list[str] = []
+    block: list[re.Match[str]] = []
+
+    def flush() -> None:
+        if block:
+            head = block[0]
+            out.extend(f"{head.group(1)}{port}{head.group(2)}" for port in upstreams)
+            block.clear()
+
+    for raw in text.splitlines():
+        found = line.match(raw)
+        if found:
+            block.append(found)
+            continue
+        flush()
+        out.append(raw)
+    flush()
+    text = "\n".join(out) + "\n"
+    assert re.search(r"^\s*server\s+127\.0\.0\.1:", text, flags=re.M), "no upstream servers"
     text, n = re.subn(r"(^\s*listen\s+)(?:[\d.]+:)?\d+", rf"\g<1>127.0.0.1:{listen}", text,
                       count=1, flags=re.M)
     assert n == 1, "deploy/nginx.conf has no listen line"
