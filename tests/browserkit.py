@@ -1,19 +1,18 @@
 """Helpers for the headless-Chromium tests: finding Chromium and chromedriver, a real
-`lollms-fast serve` child process, waiting on the page, small JSON calls to the server.
+`lollms-fast serve` child process (chatkit.server_process), waiting on the page, small JSON
+calls to the server.
 The `chromium_binaries` and `browser` fixtures built on these live in conftest.py.
 
 Chromium comes from Debian's packages: `find_chromium` installs `chromium` and
-`chromium-driver` with apt-get when they are missing and the tests run as root (CI);
-elsewhere install them once by hand (`sudo apt-get install chromium chromium-driver`).
+`chromium-driver` with apt-get (servicekit.need_tool) when they are missing and the tests
+run as root (CI); elsewhere install them once by hand (`sudo apt-get install chromium
+chromium-driver`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,9 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from chatkit import free_port
+from chatkit import server_process
+from servicekit import need_tool
 
 APT_PACKAGES = ["chromium", "chromium-driver"]
 
@@ -34,26 +32,9 @@ def _find_binaries() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def _apt_install() -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
-
-
 def find_chromium() -> tuple[str, str]:
     """(chromium, chromedriver); skips the test (fails it under CI) when there are none."""
-    found = _find_binaries()
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        _apt_install()
-        found = _find_binaries()
-    if found is None:
-        message = "headless Chromium is needed: sudo apt-get install chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return need_tool(_find_binaries, APT_PACKAGES)
 
 
 def get_json(url: str) -> Any:
@@ -70,29 +51,11 @@ def post_json(url: str, body: Any) -> Any:
 
 @contextmanager
 def serve(data: Path, model: Path, *args: str) -> Iterator[str]:
-    """`lollms-fast serve` on a free loopback port in a child process, until the block
-    ends; yields its base URL once it answers. `data` holds its local_config.yaml."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "lollms_fast", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--data-dir", str(data), "--model", str(model),
-           "--n-threads", "2", "--parallel", "2", "--ctx-size", "1024", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get_json(base + "/get_config")
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    stderr = proc.stderr.read() if proc.stderr else ""
-                    raise RuntimeError("server did not start: " + stderr) from None
-                time.sleep(0.2)
+    """`lollms-fast serve` (chatkit.server_process) with the UI tests' small settings;
+    yields its base URL once the model is loaded. `data` holds its local_config.yaml."""
+    with server_process(data, model, "--n-threads", "2", "--parallel", "2",
+                        "--ctx-size", "1024", *args) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "condition"

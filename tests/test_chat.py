@@ -288,7 +288,7 @@ async def test_context_overflow_is_an_error_and_writes_nothing(browsers: Factory
 
 async def test_bad_payloads_end_with_an_error(browsers: Factory) -> None:
     b = await browsers()
-    for payload in (None, {"prompt": 5}, {"prompt": ""}, ["x"]):
+    for payload in (None, {"prompt": 5}, {"prompt": ""}, ["x"], {"prompt": "nul \x00 in it"}):
         await b.sio.emit("generate_msg", payload)
         final = await asyncio.wait_for(b.finals.get(), 30)
         assert final["finish_reason"] == "error"

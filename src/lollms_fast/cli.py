@@ -221,10 +221,10 @@ def cmd_serve(config: Config) -> int:
         context = ssl_context(config)
         model_path = resolve_model(config.model, config.models_dir, DEFAULT_MODEL_FILE,
                                    progress=stderr_progress("assembling default model"))
+        app = build_app(config)  # an unknown db_url scheme, a missing driver
     except LollmsError as exc:  # a model, database or personality that cannot be used
         print(f"lollms-fast: error: {exc.message}", file=sys.stderr)
         return 2
-    app = build_app(config)
 
     async def banner(_app: web.Application) -> None:
         url = f"{'https' if context else 'http'}://{config.host}:{config.port}/"

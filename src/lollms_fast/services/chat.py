@@ -22,7 +22,7 @@ from ..config import Config
 from ..engine.scheduler import Engine, Finish, Generation, GenerationRequest, SamplingParams
 from ..engine.types import FinishReason
 from ..errors import BadRequest, Conflict, LollmsError, NotFound
-from ..parsing import parse_id
+from ..parsing import check_text, parse_id
 from ..personalities.model import Personality
 from ..storage.base import MSG_CONDITIONING, MSG_NORMAL, NewMessage, Store
 from .discussions import DiscussionService
@@ -159,6 +159,7 @@ class ChatService:
     async def _new_turn(self, session: ClientSession, prompt: Any) -> Target:
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadRequest("prompt must be a non-empty string")
+        check_text("prompt", prompt)  # stored as the user's message, on any store
         limit = self.settings.config.max_prompt_chars
         if len(prompt) > limit:  # checked before anything is tokenized or written
             raise BadRequest(f"the prompt has {len(prompt)} characters; at most {limit} are "

@@ -116,7 +116,11 @@ def migrate(conn: sqlite3.Connection) -> int:
     conn.execute("PRAGMA foreign_keys = OFF")
     try:
         for target, step in pending:
-            with transaction(conn):
+            with transaction(conn):  # BEGIN IMMEDIATE: one process migrates at a time
+                # another process (a replica) may have done this step since the first read
+                if read_version(conn) >= target:
+                    version = read_version(conn)
+                    continue
                 step(conn)
                 _write_version(conn, target)
             log.info("database schema migrated to version %d", target)
