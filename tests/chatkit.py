@@ -143,10 +143,11 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     log: Any
 
-    def output(self) -> str:
-        """What it has logged so far (the last 4000 characters)."""
+    def output(self, limit: int | None = 4000) -> str:
+        """What it has logged so far (the last `limit` characters; all with None)."""
         self.log.seek(0)
-        return str(self.log.read().decode(errors="replace")[-4000:])
+        text = str(self.log.read().decode(errors="replace"))
+        return text if limit is None else text[-limit:]
 
 
 @contextmanager

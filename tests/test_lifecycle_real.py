@@ -8,10 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +15,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from chatkit import COUNT_PROMPT, COUNTER_SETTINGS, Browser, free_port, install_counter_personality
+from chatkit import (
+    COUNT_PROMPT,
+    COUNTER_SETTINGS,
+    Browser,
+    ServerProcess,
+    install_counter_personality,
+    spawn_server,
+)
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.server.keys import ENGINE_CONTROL
@@ -31,39 +34,21 @@ Factory = Callable[..., Any]
 
 @pytest.fixture
 def server_process(tmp_path: Path, default_model_path: Path) -> Iterator[
-        tuple[str, subprocess.Popen[str], Path]]:
+        tuple[str, ServerProcess, Path]]:
     data = tmp_path / "data"
     data.mkdir()
     install_counter_personality(data)  # counts on until n_predict: it cannot end early
     (data / "local_config.yaml").write_text("".join(
         f"{k}: {str(v).lower()}\n" for k, v in {**COUNTER_SETTINGS, "n_predict": 2000}.items()))
-    port = free_port()
-    cmd = [sys.executable, "-m", "lollms_fast", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data), "--model", str(default_model_path), "--n-threads", "2",
-           "--parallel", "1", "--ctx-size", "2048"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/get_config", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("server did not start: " + (  # noqa: B904
-                        proc.stderr.read() if proc.stderr and proc.poll() is not None else ""))
-                time.sleep(0.2)
-        yield base, proc, data
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with spawn_server(data, default_model_path, "--n-threads", "2", "--parallel", "1",
+                      "--ctx-size", "2048") as server:
+        yield server.base, server, data
 
 
 async def test_sigterm_saves_the_running_answer(
-        server_process: tuple[str, subprocess.Popen[str], Path]) -> None:
-    base, proc, data = server_process
+        server_process: tuple[str, ServerProcess, Path]) -> None:
+    base, server, data = server_process
+    proc = server.proc
     b = await Browser.open(base)
     try:
         await b.sio.emit("generate_msg", {"prompt": COUNT_PROMPT})
@@ -80,7 +65,7 @@ async def test_sigterm_saves_the_running_answer(
         finals = [d for n, d in b.events if n == "final"]
     finally:
         await b.close()
-    stderr = proc.stderr.read() if proc.stderr else ""
+    stderr = server.output(limit=None)
     assert returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
 
