@@ -1,7 +1,9 @@
 """REST latency and event-loop stalls: `/list_discussions` over 10,000 discussions and
-`/load_discussion` of a 1,000-message discussion, with 1 and 16 concurrent clients.
+`/load_discussion` of a 1,000-message discussion, with 1 and 16 concurrent clients, and
+`/new_discussion` (a write: one discussion and two messages), on SQLite, PostgreSQL or both.
 
     .venv/bin/python benchmarks/bench_rest.py [--json results.json] [--requests 400]
+        [--store sqlite|postgres|both]
 
 How it measures
 - The server runs in a child process (this same script with `--serve`), exactly as
@@ -16,6 +18,11 @@ How it measures
   loaded); a wrong answer aborts the run.
 - `--streams N` runs the phases while N Socket.IO clients keep answers streaming (SPEC
   target: 8); the server then starts with the model.
+- `--store postgres|both`: a throwaway PostgreSQL server (Debian's, started by the test
+  suite's tests/servicekit.py, fsync off as in the tests) holds a copy of the same seeded
+  data (`lollms-fast migrate`'s copy, ids kept). With `both`, both servers run at once and
+  every phase runs on SQLite then on PostgreSQL, so drift hits both alike; the report gives
+  the PostgreSQL / SQLite ratio of each p50.
 
 Targets (DESIGN.md): single-client p50 < 10 ms for both routes; no stall > 50 ms.
 """
@@ -33,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +86,17 @@ async def _create_schema(path: Path) -> None:
 # ------------------------------------------------------------------ server side
 
 
-async def serve(data_dir: str, with_model: bool) -> None:
+async def serve(data_dir: str, with_model: bool, db_url: str | None) -> None:
     """Child process: the real app, a stall ticker, and a stdin command loop."""
     from aiohttp import web
 
     from lollms_fast.app import build_app, load_engine
     from lollms_fast.config import load_config
 
-    config = load_config({"data_dir": data_dir, "host": "127.0.0.1", "port": 0},
-                         environ={})
+    flags: dict[str, Any] = {"data_dir": data_dir, "host": "127.0.0.1", "port": 0}
+    if db_url:
+        flags["db_url"] = db_url
+    config = load_config(flags, environ={})
     app = build_app(config, backend_factory=load_engine if with_model else None)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -120,12 +130,15 @@ async def serve(data_dir: str, with_model: bool) -> None:
 
 
 class Server:
-    def __init__(self, data_dir: Path, with_model: bool) -> None:
+    def __init__(self, data_dir: Path, with_model: bool, db_url: str | None = None) -> None:
         cmd = [sys.executable, __file__, "--serve", str(data_dir)]
         if with_model:
             cmd.append("--with-model")
+        env = dict(os.environ)
+        if db_url:  # by the environment: a password stays out of the process list
+            env["BENCH_REST_DB_URL"] = db_url
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=env)
         self.port = int(self._ask(None)["port"])
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -174,6 +187,15 @@ def load_request(url: str, discussion_id: int) -> Request:
             data = orjson.loads(await resp.read())
         if resp.status != 200 or len(data) != N_MESSAGES:
             raise AssertionError(f"/load_discussion answered wrong ({resp.status})")
+    return run
+
+
+def write_request(url: str) -> Request:
+    async def run(session: aiohttp.ClientSession) -> None:
+        async with session.get(url + "/new_discussion", params={"title": "bench"}) as resp:
+            data = orjson.loads(await resp.read())
+        if resp.status != 200 or not isinstance(data.get("id"), int):
+            raise AssertionError(f"/new_discussion answered wrong ({resp.status})")
     return run
 
 
@@ -250,26 +272,47 @@ async def background_streams(url: str, count: int) -> Callable[[], Awaitable[Non
     return stop
 
 
-async def bench(server: Server, big_id: int, requests: int, streams: int
+async def bench(servers: dict[str, Server], big_id: int, requests: int, streams: int
                 ) -> list[dict[str, Any]]:
-    stop_streams = await background_streams(server.url, streams)
+    """Every phase on every store in turn (reads first: the write phase adds discussions)."""
+    stops = [await background_streams(server.url, streams) for server in servers.values()]
     results: list[dict[str, Any]] = []
+    phases = (("list_discussions", list_request), ("load_discussion",
+              lambda url: load_request(url, big_id)), ("new_discussion", write_request))
     try:
-        for name, request in (("list_discussions", list_request(server.url)),
-                              ("load_discussion", load_request(server.url, big_id))):
+        for name, make_request in phases:
             for clients in (1, 16):
-                server.stall_ms()  # reset
-                figures = await run_phase(request, clients, requests)
-                figures["max_stall_ms"] = server.stall_ms()
-                row = {"route": name, "clients": clients, "streams": streams, **figures}
-                results.append(row)
-                print(f"{name:17} clients={clients:2} streams={streams} "
-                      f"{figures['req_per_s']:8.1f} req/s  p50 {figures['p50_ms']:6.2f} ms  "
-                      f"p99 {figures['p99_ms']:6.2f} ms  max stall "
-                      f"{figures['max_stall_ms']:5.1f} ms", flush=True)
+                for store, server in servers.items():
+                    server.stall_ms()  # reset
+                    figures = await run_phase(make_request(server.url), clients, requests)
+                    figures["max_stall_ms"] = server.stall_ms()
+                    row = {"route": name, "clients": clients, "streams": streams,
+                           "store": store, **figures}
+                    results.append(row)
+                    print(f"{name:17} {store:8} clients={clients:2} streams={streams} "
+                          f"{figures['req_per_s']:8.1f} req/s  p50 {figures['p50_ms']:6.2f} ms"
+                          f"  p99 {figures['p99_ms']:6.2f} ms  max stall "
+                          f"{figures['max_stall_ms']:5.1f} ms", flush=True)
     finally:
-        await stop_streams()
+        for stop in stops:
+            await stop()
     return results
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """p50 on PostgreSQL / p50 on SQLite for each phase that ran on both."""
+    out = []
+    for row in results:
+        if row["store"] != "postgres":
+            continue
+        twin = next((r for r in results if r["store"] == "sqlite"
+                     and r["route"] == row["route"] and r["clients"] == row["clients"]), None)
+        if twin is not None:
+            out.append({"route": row["route"], "clients": row["clients"],
+                        "sqlite_p50_ms": round(twin["p50_ms"], 2),
+                        "postgres_p50_ms": round(row["p50_ms"], 2),
+                        "ratio": round(row["p50_ms"] / twin["p50_ms"], 2)})
+    return out
 
 
 def main() -> None:
@@ -280,23 +323,36 @@ def main() -> None:
                         help="answers streaming in the background (starts the model)")
     parser.add_argument("--with-model", action="store_true",
                         help="start the server with the model engine")
+    parser.add_argument("--store", choices=("sqlite", "postgres", "both"), default="sqlite",
+                        help="the discussions store(s) to measure (default sqlite)")
     parser.add_argument("--serve", metavar="DATA_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.with_model))
+        asyncio.run(serve(args.serve, args.with_model, os.environ.get("BENCH_REST_DB_URL")))
         return
 
-    with tempfile.TemporaryDirectory(prefix="bench_rest_") as tmp:
+    with_model = args.with_model or args.streams > 0
+    with tempfile.TemporaryDirectory(prefix="bench_rest_") as tmp, ExitStack() as stack:
         data_dir = Path(tmp)
         seed_start = time.perf_counter()
-        big_id = seed_database(data_dir / "databases" / "database.db")
+        db_file = data_dir / "databases" / "database.db"
+        big_id = seed_database(db_file)
         print(f"seeded {N_DISCUSSIONS} discussions + {N_MESSAGES} messages in "
               f"{time.perf_counter() - seed_start:.1f} s", flush=True)
-        server = Server(data_dir, args.with_model or args.streams > 0)
-        try:
-            results = asyncio.run(bench(server, big_id, args.requests, args.streams))
-        finally:
-            server.close()
+        servers: dict[str, Server] = {}
+        if args.store in ("sqlite", "both"):
+            servers["sqlite"] = Server(data_dir, with_model)
+            stack.callback(servers["sqlite"].close)
+        if args.store in ("postgres", "both"):
+            pg_url = stack.enter_context(postgres_copy(db_file, data_dir))
+            pg_dir = data_dir / "pg"
+            servers["postgres"] = Server(pg_dir, with_model, pg_url)
+            stack.callback(servers["postgres"].close)
+        results = asyncio.run(bench(servers, big_id, args.requests, args.streams))
+    compared = ratios(results)
+    for r in compared:
+        print(f"p50 PostgreSQL / SQLite  {r['route']:17} clients={r['clients']:2}  "
+              f"{r['postgres_p50_ms']:6.2f} / {r['sqlite_p50_ms']:6.2f} ms = x{r['ratio']}")
     report = {
         "benchmark": "bench_rest",
         "python": platform.python_version(),
@@ -306,9 +362,25 @@ def main() -> None:
         "requests_per_phase": args.requests,
         "targets": {"single_client_p50_ms": 10, "max_stall_ms": 50},
         "results": results,
+        "postgres_vs_sqlite": compared,
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def postgres_copy(db_file: Path, data_dir: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL server holding a copy of the seeded SQLite file; its URL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from lollms_fast.storage.copy import migrate_copy
+    from servicekit import PostgresServer
+
+    with PostgresServer() as server:
+        url = server.create_database()
+        start = time.perf_counter()
+        asyncio.run(migrate_copy(f"sqlite:///{db_file}", url, root=data_dir))
+        print(f"copied to PostgreSQL in {time.perf_counter() - start:.1f} s", flush=True)
+        yield url
 
 
 if __name__ == "__main__":

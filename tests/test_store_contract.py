@@ -136,6 +136,18 @@ async def _undated_dump(store: Store) -> tuple[list[Any], list[Any]]:
     return heads, rows
 
 
+async def test_list_and_messages_json_are_the_same_bytes(pair: tuple[Store, Store]) -> None:
+    """The two hot reads send the database's JSON as it is: both stores write it compact,
+    keys in the same order, text escaped the same way."""
+    odd = AWKWARD + "\t\x01\x1f\x7f \u2028 / \\ é 😀"
+    for title in ("plain", None, odd):
+        did, _ = await both(pair, lambda s, t=title: s.create(t, [
+            NewMessage("user", odd, parent=-1), NewMessage("lollms", "", rank=-3)]))
+    await both(pair, lambda s: s.list_json())
+    await both(pair, lambda s: s.messages_json(did))
+    await both(pair, lambda s: s.messages_json(did + 1000))
+
+
 async def test_import_parents_the_same_way(pair: tuple[Store, Store]) -> None:
     payload = [
         ImportedDiscussion("with ids", [
