@@ -208,3 +208,23 @@ def test_every_setting_is_documented() -> None:
     text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, flags=re.M))
     assert documented == {s.name for s in SETTINGS}
+
+
+def test_save_keeps_flags_and_environment_out_of_the_file(tmp_path: Path) -> None:
+    """A flag or environment value is this run's: saving writes the file's own value for
+    it (or nothing), unless it was changed since, so a replica's --port or a db_url with a
+    password given by the environment never lands in the (shared) file."""
+    (tmp_path / "local_config.yaml").write_text("ctx_size: 4096\ntop_k: 7\n", encoding="utf-8")
+    secret_url = "postgresql://lollms:pw-in-env@db.internal/lollms"
+    cfg = load_config({"data_dir": str(tmp_path), "port": 9702, "ctx_size": 1024},
+                      environ={"LOLLMS_DB_URL": secret_url})
+    assert (cfg.port, cfg.ctx_size, cfg.db_url) == (9702, 1024, secret_url)
+    saved = yaml.safe_load(cfg.save().read_text(encoding="utf-8"))
+    assert saved["ctx_size"] == 4096 and saved["top_k"] == 7
+    assert "port" not in saved and "db_url" not in saved
+    assert "pw-in-env" not in (tmp_path / "local_config.yaml").read_text(encoding="utf-8")
+    changed = cfg.updated({"ctx_size": 512, "top_k": 9})  # changed through the API: saved
+    saved = yaml.safe_load(changed.save().read_text(encoding="utf-8"))
+    assert saved["ctx_size"] == 512 and saved["top_k"] == 9 and "port" not in saved
+    again = load_config({"data_dir": str(tmp_path)}, environ={})
+    assert (again.ctx_size, again.port, again.db_url) == (512, 9600, "")

@@ -242,6 +242,10 @@ class Config:
     strict_model_names: bool = _default("strict_model_names")
     extra: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
+    # the file's own (validated) values: what `save` keeps for a setting that a flag or the
+    # environment overrides and nobody changed since (a replica's --port, a db_url password
+    # given by environment never land in the shared file)
+    from_file: dict[str, Any] = field(default_factory=dict)
 
     # --- derived paths ---
     @property
@@ -299,11 +303,19 @@ class Config:
         return out
 
     def file_dict(self) -> dict[str, Any]:
-        """What `save()` writes: persisted settings plus the unknown keys read from the file."""
+        """What `save()` writes: persisted settings plus the unknown keys read from the file.
+        A setting still at the value a flag or the environment gave it is written as the
+        file had it (or left out): flags and environment are this run's, not the file's."""
         out: dict[str, Any] = dict(self.extra)
         for s in SETTINGS:
-            if s.persist:
-                out[s.name] = getattr(self, s.name)
+            if not s.persist:
+                continue
+            value = getattr(self, s.name)
+            if s.name in self.overrides and self.overrides[s.name] == value:
+                if s.name in self.from_file:
+                    out[s.name] = self.from_file[s.name]
+                continue
+            out[s.name] = value
         return out
 
     def save(self, path: Path | None = None) -> Path:
@@ -318,7 +330,8 @@ def _check_fields() -> None:
     """Config declares exactly the settings of SETTINGS, in order, with their types."""
     declared = [(f.name, f.type) for f in dataclasses.fields(Config)]
     expected = [(s.name, s.type.__name__) for s in SETTINGS]
-    expected += [("extra", "dict[str, Any]"), ("overrides", "dict[str, Any]")]
+    expected += [("extra", "dict[str, Any]"), ("overrides", "dict[str, Any]"),
+                 ("from_file", "dict[str, Any]")]
     if declared != expected:
         raise TypeError(f"Config fields differ from SETTINGS: {declared} != {expected}")
 
@@ -337,7 +350,7 @@ def reset_config(config: Config) -> Config:
     """The defaults with the environment and command line applied (what this process would
     start with without local_config.yaml), keeping KEPT_ON_RESET and the unknown keys."""
     kept = {name: getattr(config, name) for name in KEPT_ON_RESET}
-    return Config(extra=config.extra, overrides=config.overrides,
+    return Config(extra=config.extra, overrides=config.overrides, from_file=config.from_file,
                   **{**config.overrides, **kept})
 
 
@@ -463,6 +476,7 @@ def load_config(
              if k not in SETTINGS_BY_NAME or not SETTINGS_BY_NAME[k].persist}
     values: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
     for layer_name, layer in (("file " + str(config_file), from_file), ("environment", env),
                               ("command line", flags)):
         for name, value in layer.items():
@@ -476,8 +490,10 @@ def load_config(
                 raise ConfigError(f"{layer_name}: {exc.message}") from None
             if layer is not from_file:
                 overrides[name] = values[name]
+            else:
+                file_values[name] = values[name]
     values["data_dir"] = str(Path(data_dir).expanduser())
-    return Config(extra=extra, overrides=overrides, **values)
+    return Config(extra=extra, overrides=overrides, from_file=file_values, **values)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
