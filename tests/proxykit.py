@@ -124,15 +124,3 @@ class NginxServer(_Server):
                 out += path.read_text(errors="replace")[-3000:]
         return out
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()  # SIGTERM: fast shutdown
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-        if self.dir.name:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = Path()

@@ -65,13 +65,28 @@ def _wait(ready: Callable[[], bool], what: str, timeout: float = 30) -> None:
 
 
 class _Server:
+    """A server process of ours in a temp folder: `stop` ends the process (SIGTERM, then
+    SIGKILL after 10 s) and removes the folder."""
+
     url: str
+    dir: Path = Path()
+    _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
-        raise NotImplementedError
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self.dir.name:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = Path()
 
     def __enter__(self: _S) -> _S:
         self.start()
@@ -216,16 +231,3 @@ class RedisServer(_Server):
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
-        if self.dir.name:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = Path()

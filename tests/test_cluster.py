@@ -31,6 +31,8 @@ Factory = Callable[..., Awaitable[TestServer]]
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
+    """A fresh Redis per test (not conftest's session one): no test sees another's secret,
+    sessions or control messages."""
     with RedisServer() as server:
         yield server.url
 

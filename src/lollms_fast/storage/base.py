@@ -48,6 +48,28 @@ class ImportedMessage:
     message: NewMessage
 
 
+def imported_parents(new_ids: Sequence[int], messages: Sequence[ImportedMessage]
+                     ) -> list[int]:
+    """The `parent` of each imported message, given the ids its rows got (in order): the
+    new id of its old parent; a message without an old id replies to the message before it
+    (the 2023 export had no ids); a parent not among the imported messages is -1 (a root,
+    like 2023's welcome message)."""
+    id_map = {item.old_id: new for new, item in zip(new_ids, messages, strict=True)
+              if item.old_id is not None}
+    parents: list[int] = []
+    previous: int | None = None
+    for new, item in zip(new_ids, messages, strict=True):
+        old_parent = item.message.parent
+        if item.old_id is None:
+            parents.append(previous if previous is not None else -1)
+        elif old_parent is not None and old_parent in id_map:
+            parents.append(id_map[old_parent])
+        else:
+            parents.append(-1)
+        previous = new
+    return parents
+
+
 # A raw row as `lollms-fast migrate` copies it: every column, ids included.
 DiscussionRow = tuple[int, str | None, str | None]  # id, title, created_at
 MessageRow = tuple[int, str, str, int, int, int | None, str | None, int]

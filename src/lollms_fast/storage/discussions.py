@@ -23,6 +23,7 @@ from .base import (
     ImportedMessage,
     MessageRow,
     NewMessage,
+    imported_parents,
 )
 from .db import Database
 
@@ -147,31 +148,15 @@ def delete_message(conn: sqlite3.Connection, message_id: int) -> bool:
 
 def import_discussions(conn: sqlite3.Connection,
                        discussions: Iterable[ImportedDiscussion]) -> list[int]:
-    """Insert with fresh ids; `parent` follows the old ids to the new rows. A message without
-    an old id (the 2023 export had none) replies to the message before it; a parent that is
-    not among the imported messages becomes -1 (a root, like 2023's welcome message)."""
+    """Insert with fresh ids; `parent` follows the old ids to the new rows
+    (`base.imported_parents`)."""
     new_ids: list[int] = []
     for d in discussions:
         discussion_id = create_discussion(conn, d.title)
         new_ids.append(discussion_id)
-        id_map: dict[int, int] = {}
-        inserted: list[tuple[int, ImportedMessage]] = []
-        previous: int | None = None
-        for item in d.messages:
-            row_id = insert_message(conn, discussion_id, item.message)
-            if item.old_id is not None:
-                id_map[item.old_id] = row_id
-            inserted.append((row_id, item))
-        for row_id, item in inserted:
-            old_parent = item.message.parent
-            if item.old_id is None:
-                parent = previous if previous is not None else -1
-            elif old_parent is not None and old_parent in id_map:
-                parent = id_map[old_parent]
-            else:
-                parent = -1
-            previous = row_id
-            conn.execute("UPDATE message SET parent = ? WHERE id = ?", (parent, row_id))
+        rows = [insert_message(conn, discussion_id, item.message) for item in d.messages]
+        conn.executemany("UPDATE message SET parent = ? WHERE id = ?",
+                         list(zip(imported_parents(rows, d.messages), rows, strict=True)))
     return new_ids
 
 

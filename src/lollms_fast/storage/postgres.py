@@ -29,6 +29,7 @@ from .base import (
     MessageRow,
     NewMessage,
     StorageError,
+    imported_parents,
 )
 
 try:
@@ -450,19 +451,10 @@ class PostgresStore:
             rows: list[tuple[Any, ...]] = []
             for discussion_id, d in zip(discussion_ids, discussions, strict=True):
                 mine = [next(fresh) for _ in d.messages]
-                id_map = {item.old_id: new for new, item in zip(mine, d.messages, strict=True)
-                          if item.old_id is not None}
-                previous: int | None = None
-                for new, item in zip(mine, d.messages, strict=True):
-                    old_parent = item.message.parent
-                    if item.old_id is None:
-                        parent = previous if previous is not None else -1
-                    elif old_parent is not None and old_parent in id_map:
-                        parent = id_map[old_parent]
-                    else:
-                        parent = -1
-                    previous = new
-                    rows.append(_message_args(new, discussion_id, item.message, parent))
+                parents = imported_parents(mine, d.messages)
+                rows.extend(_message_args(new, discussion_id, item.message, parent)
+                            for new, item, parent in zip(mine, d.messages, parents,
+                                                         strict=True))
             await c.executemany(_INSERT_MESSAGE, rows)
             return discussion_ids
         return await self._write(run)
