@@ -192,3 +192,36 @@ async def test_a_replica_that_cannot_reach_redis_refuses_to_start(
     with pytest.raises(ClusterError) as failed:
         await aiohttp_server(build_app(config, backend_factory=None))
     assert "cannot reach Redis" in str(failed.value) and "hunter2" not in str(failed.value)
+
+
+async def test_the_session_secret_survives_redis_losing_its_data(
+        aiohttp_server: Factory, replica_config: Callable[..., Config], redis_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarted empty: the running replica puts its secret back, so a replica
+    started afterwards takes the same one and accepts the cookies minted before; a secret
+    another replica put there first is adopted by all."""
+    from redis import asyncio as aioredis
+
+    from lollms_fast.services import cluster
+
+    monkeypatch.setattr(cluster, "SECRET_CHECK_S", 0.05)
+    a = await aiohttp_server(build_app(replica_config("a"), backend_factory=None))
+    sessions_a = a.app[SESSIONS]
+    minted = sessions_a.mint_id()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.flushall()
+        for _ in range(200):  # A puts its secret back within a few checks
+            if await client.get(cluster.SECRET_KEY) is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert await client.get(cluster.SECRET_KEY) is not None
+        b = await aiohttp_server(build_app(replica_config("b"), backend_factory=None))
+        assert b.app[SESSIONS].is_minted(minted)  # B took A's secret
+        await client.set(cluster.SECRET_KEY, b"another secret, set by some replica")
+        await until(lambda: not sessions_a.is_minted(minted)
+                    and not b.app[SESSIONS].is_minted(minted), "both adopt the new secret")
+        fresh = sessions_a.mint_id()
+        assert b.app[SESSIONS].is_minted(fresh)
+    finally:
+        await client.aclose()

@@ -42,6 +42,7 @@ SESSION_KEY = PREFIX + "session:"
 CONTROL_CHANNEL = PREFIX + "control"
 SOCKETIO_CHANNEL = PREFIX + "socketio"
 _WARN_EVERY_S = 30.0
+SECRET_CHECK_S = 10.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -60,6 +61,7 @@ class Cluster:
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._writes: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._handlers: dict[str, Handler] = {}
         self._last_warning = 0.0
@@ -89,6 +91,7 @@ class Cluster:
         await self._pubsub.subscribe(CONTROL_CHANNEL)
         self._listener = asyncio.create_task(self._listen(), name="cluster-listener")
         self._writer = asyncio.create_task(self._write_sessions(), name="cluster-writer")
+        self._keeper = asyncio.create_task(self._keep_secret(), name="cluster-secret")
         log.info("replica %s joined the cluster at %s", self.origin[:8], redact_url(self.url))
 
     async def close(self) -> None:
@@ -97,7 +100,7 @@ class Cluster:
         except asyncio.TimeoutError:
             log.warning("%d session writes to Redis were not done at shutdown",
                         self._writes.qsize())
-        for task in (self._listener, self._writer):
+        for task in (self._listener, self._writer, self._keeper):
             if task is not None:
                 task.cancel()
                 try:
@@ -115,6 +118,25 @@ class Cluster:
             self._last_warning = now
             log.warning("Redis: %s failed (%s: %s); sessions use this process's memory "
                         "until it is back", what, type(exc).__name__, exc)
+
+    async def _keep_secret(self) -> None:
+        """Redis may lose the secret (restarted without persistence, flushed): this replica
+        puts its own back, so that a replica starting later takes the same one, and if
+        another value is there (another replica put it first), adopts it, so that every
+        replica converges on one secret within SECRET_CHECK_S. Cookies minted under a
+        secret given up no longer verify: those browsers get a new session."""
+        while True:
+            await asyncio.sleep(SECRET_CHECK_S)
+            try:
+                await self._redis.set(SECRET_KEY, self.secret, nx=True)
+                current = await self._redis.get(SECRET_KEY)
+            except Exception as exc:
+                self._warn("checking the session secret", exc)
+                continue
+            if current is not None and bytes(current) != self.secret:
+                log.warning("the session secret in Redis changed (Redis lost its data?): "
+                            "adopted; sessions signed with the old one start afresh")
+                self.secret = bytes(current)
 
     # ------------------------------------------------------------------ sessions
 

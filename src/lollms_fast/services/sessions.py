@@ -101,7 +101,6 @@ class SessionStore:
     def attach(self, mirror: SessionMirror) -> None:
         """Share sessions with other replicas (before the first request is served)."""
         self.mirror = mirror
-        self._secret = mirror.secret
 
     def _mirrored(self, session: ClientSession) -> None:
         if self.mirror is not None:
@@ -136,7 +135,9 @@ class SessionStore:
         return session.request_stop() if session is not None else False
 
     def _tag(self, nonce: str) -> str:
-        digest = hmac.new(self._secret, nonce.encode("ascii"), hashlib.sha256).digest()
+        # with replicas, the secret they share (which Redis may replace: cluster.py)
+        secret = self.mirror.secret if self.mirror is not None else self._secret
+        digest = hmac.new(secret, nonce.encode("ascii"), hashlib.sha256).digest()
         return _b64(digest[:_TAG_BYTES])
 
     def mint_id(self) -> str:
