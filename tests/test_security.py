@@ -388,6 +388,29 @@ async def test_same_origin_scripts_and_listed_origins_pass(
         assert resp.status == 200, headers
 
 
+async def test_behind_a_tls_proxy_the_https_origin_is_our_own(
+        aiohttp_client: Any, make_config: Callable[..., Config]) -> None:
+    """nginx terminates TLS and says so with X-Forwarded-Proto: the browser's https origin
+    is this server's own (no allowed_origins needed) and the session cookie is Secure.
+    Without the header the https origin is another origin, and refused."""
+    client = await aiohttp_client(build_app(make_config(), backend_factory=None))
+    https_own = f"https://{client.host}:{client.port}"
+    proxied = {"Origin": https_own, "X-Forwarded-Proto": "https"}
+    resp = await client.post("/edit_title", json={"id": 1, "title": "x"}, headers=proxied)
+    assert resp.status == 404, await resp.text()  # past the origin check: no discussion 1
+    resp = await client.post("/edit_title", json={"id": 1, "title": "x"},
+                             headers={"Origin": https_own})
+    assert resp.status == 403
+    resp = await client.post("/edit_title", json={"id": 1, "title": "x"}, headers={
+        "Origin": "https://elsewhere.example", "X-Forwarded-Proto": "https"})
+    assert resp.status == 403  # the header adds our own https origin, nobody else's
+    client.session.cookie_jar.clear()
+    secure = await client.get("/list_discussions", headers={"X-Forwarded-Proto": "https"})
+    plain = await client.get("/list_discussions")
+    assert "Secure" in secure.headers["Set-Cookie"]
+    assert "Secure" not in plain.headers["Set-Cookie"]
+
+
 async def test_security_headers(open_client: TestClient) -> None:
     api = await open_client.get("/list_discussions")
     assert api.headers["X-Content-Type-Options"] == "nosniff"

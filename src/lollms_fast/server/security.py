@@ -120,14 +120,27 @@ def _origin_key(url: URL) -> tuple[str, str, int | None] | None:
     return url.scheme.lower(), url.host.lower().rstrip("."), url.port
 
 
+def forwarded_https(request: web.Request) -> bool:
+    """A proxy in front (deploy/nginx.conf) says the browser came over HTTPS
+    (`X-Forwarded-Proto: https`). Trusting it without knowing the proxy is safe for what it
+    is used for: it only adds `https://<this Host>` as this server's own origin (a page
+    elsewhere cannot send a custom header without a CORS preflight, which is refused), and
+    marks the session cookie Secure (python-engineio's same-origin check reads the header
+    the same way)."""
+    value = request.headers.get("X-Forwarded-Proto", "")
+    return value.split(",")[0].strip().lower() == "https"
+
+
 def _same_origin(request: web.Request, origin: str) -> bool:
-    """Does `origin` name this request's own origin (scheme, verified Host, port)?"""
-    own = _origin_key(URL(f"{request.scheme}://{request.host}"))
+    """Does `origin` name this request's own origin (scheme, verified Host, port)? Behind a
+    TLS proxy the browser's origin is https while this server speaks http."""
     try:
         theirs = _origin_key(URL(origin))
     except ValueError:
         return False
-    return own is not None and own == theirs
+    schemes = {request.scheme, "https"} if forwarded_https(request) else {request.scheme}
+    return theirs is not None and any(
+        _origin_key(URL(f"{scheme}://{request.host}")) == theirs for scheme in schemes)
 
 
 class OriginPolicy:

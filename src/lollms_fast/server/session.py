@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 
 from ..services.sessions import COOKIE_NAME, IDLE_TTL_S, ClientSession, SessionStore
 from .keys import SESSIONS
+from .security import forwarded_https
 
 _SESSION_ID = web.RequestKey("session_id", str)
 _ISSUED = web.RequestKey("session_id_issued", bool)  # new: the response must carry it back
@@ -78,4 +79,5 @@ async def set_session_cookie(request: web.Request, response: web.StreamResponse)
     session_id(request)
     if request.get(_ISSUED) and not _socket_behind_proxy(request):
         response.headers.add(hdrs.SET_COOKIE,
-                             cookie_header(request[_SESSION_ID], secure=request.secure))
+                             cookie_header(request[_SESSION_ID],
+                                           secure=request.secure or forwarded_https(request)))
