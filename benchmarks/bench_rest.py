@@ -3,7 +3,7 @@
 `/new_discussion` (a write: one discussion and two messages), on SQLite, PostgreSQL or both.
 
     .venv/bin/python benchmarks/bench_rest.py [--json results.json] [--requests 400]
-        [--store sqlite|postgres|both]
+        [--store sqlite|postgres|both] [--redis]
 
 How it measures
 - The server runs in a child process (this same script with `--serve`), exactly as
@@ -23,6 +23,10 @@ How it measures
   data (`lollms-fast migrate`'s copy, ids kept). With `both`, both servers run at once and
   every phase runs on SQLite then on PostgreSQL, so drift hits both alike; the report gives
   the PostgreSQL / SQLite ratio of each p50.
+- `--redis`: one more SQLite server whose sessions live in a throwaway Redis
+  (`socketio_redis_url`, as replicas run): every route that uses the client's session
+  (`load_discussion`, `new_discussion`) then reads it from Redis. Interleaved like the
+  stores; the report gives its p50 against the plain SQLite server.
 
 Targets (DESIGN.md): single-client p50 < 10 ms for both routes; no stall > 50 ms.
 """
@@ -86,7 +90,8 @@ async def _create_schema(path: Path) -> None:
 # ------------------------------------------------------------------ server side
 
 
-async def serve(data_dir: str, with_model: bool, db_url: str | None) -> None:
+async def serve(data_dir: str, with_model: bool, db_url: str | None,
+                redis_url: str | None) -> None:
     """Child process: the real app, a stall ticker, and a stdin command loop."""
     from aiohttp import web
 
@@ -96,6 +101,8 @@ async def serve(data_dir: str, with_model: bool, db_url: str | None) -> None:
     flags: dict[str, Any] = {"data_dir": data_dir, "host": "127.0.0.1", "port": 0}
     if db_url:
         flags["db_url"] = db_url
+    if redis_url:
+        flags["socketio_redis_url"] = redis_url
     config = load_config(flags, environ={})
     app = build_app(config, backend_factory=load_engine if with_model else None)
     runner = web.AppRunner(app, access_log=None)
@@ -130,13 +137,16 @@ async def serve(data_dir: str, with_model: bool, db_url: str | None) -> None:
 
 
 class Server:
-    def __init__(self, data_dir: Path, with_model: bool, db_url: str | None = None) -> None:
+    def __init__(self, data_dir: Path, with_model: bool, db_url: str | None = None,
+                 redis_url: str | None = None) -> None:
         cmd = [sys.executable, __file__, "--serve", str(data_dir)]
         if with_model:
             cmd.append("--with-model")
         env = dict(os.environ)
         if db_url:  # by the environment: a password stays out of the process list
             env["BENCH_REST_DB_URL"] = db_url
+        if redis_url:
+            env["BENCH_REST_REDIS_URL"] = redis_url
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self.port = int(self._ask(None)["port"])
@@ -300,17 +310,17 @@ async def bench(servers: dict[str, Server], big_id: int, requests: int, streams:
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """p50 on PostgreSQL / p50 on SQLite for each phase that ran on both."""
+    """Each server's p50 over the plain SQLite server's, phase by phase."""
     out = []
     for row in results:
-        if row["store"] != "postgres":
+        if row["store"] == "sqlite":
             continue
         twin = next((r for r in results if r["store"] == "sqlite"
                      and r["route"] == row["route"] and r["clients"] == row["clients"]), None)
         if twin is not None:
-            out.append({"route": row["route"], "clients": row["clients"],
-                        "sqlite_p50_ms": round(twin["p50_ms"], 2),
-                        "postgres_p50_ms": round(row["p50_ms"], 2),
+            out.append({"store": row["store"], "route": row["route"],
+                        "clients": row["clients"], "sqlite_p50_ms": round(twin["p50_ms"], 2),
+                        "p50_ms": round(row["p50_ms"], 2),
                         "ratio": round(row["p50_ms"] / twin["p50_ms"], 2)})
     return out
 
@@ -325,10 +335,13 @@ def main() -> None:
                         help="start the server with the model engine")
     parser.add_argument("--store", choices=("sqlite", "postgres", "both"), default="sqlite",
                         help="the discussions store(s) to measure (default sqlite)")
+    parser.add_argument("--redis", action="store_true",
+                        help="also a SQLite server with its sessions in Redis")
     parser.add_argument("--serve", metavar="DATA_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.with_model, os.environ.get("BENCH_REST_DB_URL")))
+        asyncio.run(serve(args.serve, args.with_model, os.environ.get("BENCH_REST_DB_URL"),
+                          os.environ.get("BENCH_REST_REDIS_URL")))
         return
 
     with_model = args.with_model or args.streams > 0
@@ -348,11 +361,18 @@ def main() -> None:
             pg_dir = data_dir / "pg"
             servers["postgres"] = Server(pg_dir, with_model, pg_url)
             stack.callback(servers["postgres"].close)
+        if args.redis:
+            redis_url = stack.enter_context(throwaway_redis())
+            if "sqlite" not in servers:
+                servers["sqlite"] = Server(data_dir, with_model)
+                stack.callback(servers["sqlite"].close)
+            servers["sqlite+redis"] = Server(data_dir, with_model, redis_url=redis_url)
+            stack.callback(servers["sqlite+redis"].close)
         results = asyncio.run(bench(servers, big_id, args.requests, args.streams))
     compared = ratios(results)
     for r in compared:
-        print(f"p50 PostgreSQL / SQLite  {r['route']:17} clients={r['clients']:2}  "
-              f"{r['postgres_p50_ms']:6.2f} / {r['sqlite_p50_ms']:6.2f} ms = x{r['ratio']}")
+        print(f"p50 {r['store']} / sqlite  {r['route']:17} clients={r['clients']:2}  "
+              f"{r['p50_ms']:6.2f} / {r['sqlite_p50_ms']:6.2f} ms = x{r['ratio']}")
     report = {
         "benchmark": "bench_rest",
         "python": platform.python_version(),
@@ -362,16 +382,32 @@ def main() -> None:
         "requests_per_phase": args.requests,
         "targets": {"single_client_p50_ms": 10, "max_stall_ms": 50},
         "results": results,
-        "postgres_vs_sqlite": compared,
+        "vs_sqlite": compared,
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
+def _test_helpers() -> None:
+    """The throwaway servers are the test suite's own (tests/servicekit.py)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
+@contextmanager
+def throwaway_redis() -> Iterator[str]:
+    _test_helpers()
+    from servicekit import RedisServer
+
+    with RedisServer() as server:
+        yield server.url
+
+
 @contextmanager
 def postgres_copy(db_file: Path, data_dir: Path) -> Iterator[str]:
     """A throwaway PostgreSQL server holding a copy of the seeded SQLite file; its URL."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    _test_helpers()
     from lollms_fast.storage.copy import migrate_copy
     from servicekit import PostgresServer
 
