@@ -328,3 +328,54 @@ async def test_cookieless_sockets_get_sessions_of_their_own(
     assert len(ids) == 3
     assert_all_name(first, a["discussion_id"])
     assert_all_name(second, b["discussion_id"])
+
+
+class _SlowMirror:
+    """A mirror whose read is held until the test releases it, answering `stale`."""
+
+    def __init__(self, stale: tuple[int | None, int | None]) -> None:
+        self.secret = b"s" * 32
+        self.stale = stale
+        self.release = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.saved: list[tuple[str, int | None, int | None]] = []
+
+    def save_session(self, session_id: str, discussion_id: int | None,
+                     last_message_id: int | None) -> None:
+        self.saved.append((session_id, discussion_id, last_message_id))
+
+    async def flush(self) -> None:
+        return None
+
+    async def load_session(self, session_id: str) -> tuple[int | None, int | None] | None:
+        assert session_id
+        self.reading.set()
+        await self.release.wait()
+        return self.stale
+
+    async def publish(self, op: str, **fields: object) -> None:  # noqa: ARG002
+        return None
+
+
+async def test_a_change_made_while_the_shared_store_answers_is_kept() -> None:
+    """Two requests of one browser at once: the one reading the session from Redis must
+    not put back the state the other has just changed."""
+    store = SessionStore()
+    mirror = _SlowMirror(stale=(1, 10))
+    store.attach(mirror)
+    session, _ = store.get_or_create(store.mint_id())
+    reading = asyncio.ensure_future(store.fetch(session.id))
+    await mirror.reading.wait()
+    session.select(2, 20)  # the other request, meanwhile
+    mirror.release.set()
+    assert await reading is session
+    assert (session.discussion_id, session.last_message_id) == (2, 20)
+    assert mirror.saved[-1] == (session.id, 2, 20)
+    # with nothing changed meanwhile, the shared state wins
+    mirror.release.clear()
+    mirror.reading.clear()
+    again = asyncio.ensure_future(store.fetch(session.id))
+    await mirror.reading.wait()
+    mirror.release.set()
+    await again
+    assert (session.discussion_id, session.last_message_id) == (1, 10)

@@ -52,10 +52,12 @@ class ClientSession:
     # told of every change of the state above (the store's mirror, with replicas)
     on_change: Callable[[ClientSession], None] | None = field(default=None, repr=False,
                                                                 compare=False)
+    changes: int = field(default=0, repr=False, compare=False)  # selects so far
 
     def select(self, discussion_id: int | None, last_message_id: int | None) -> None:
         self.discussion_id = discussion_id
         self.last_message_id = last_message_id
+        self.changes += 1
         if self.on_change is not None:
             self.on_change(self)
 
@@ -114,8 +116,11 @@ class SessionStore:
             return self.get_or_create(session_id)[0]
         await self.mirror.flush()  # this process's own last change is readable
         session, created = self.get_or_create(session_id)
+        changes = session.changes
         stored = await self.mirror.load_session(session.id)
-        if stored is not None:
+        if session.changes != changes:
+            pass  # changed here while Redis answered: newer than what it answered
+        elif stored is not None:
             session.discussion_id, session.last_message_id = stored
         elif not created and session.discussion_id is not None:
             self._mirrored(session)  # Redis lost it (restart, eviction): written again
