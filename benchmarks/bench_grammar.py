@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the tests' prompt helper
 from table import Table, write_json
 
+from chatkit import gemma_chat
 from lollms_fast.engine.backend import Backend, BackendParams, Grammar, json_grammar
 from lollms_fast.engine.batch import Batch
 
@@ -46,28 +48,20 @@ BOOK = {
 }
 
 
-def chat(*turns: str) -> str:
-    out = []
-    for i, text in enumerate(turns):
-        role = "user" if i % 2 == 0 else "model"
-        out.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
-    return "".join(out) + "<start_of_turn>model\n"
-
-
-FEW_SHOT = chat("Reply in JSON. What is the capital of Italy?", '{"capital": "Rome"}',
+FEW_SHOT = gemma_chat("Reply in JSON. What is the capital of Italy?", '{"capital": "Rome"}',
                 "Reply in JSON. What is the capital of France?")
 # (name, schema, prompt): with an example answer the model follows the grammar's layout;
 # asked plainly it writes its own (line breaks, indentation) and the grammar says no more
 DECODES = [
     ("json_object, example given", None, FEW_SHOT),
-    ("json_object, asked plainly", None, chat("Describe a cat as a JSON object.")),
-    ("person schema, example given", PERSON, chat(
+    ("json_object, asked plainly", None, gemma_chat("Describe a cat as a JSON object.")),
+    ("person schema, example given", PERSON, gemma_chat(
         "Reply in JSON. A person who lives in Rome.",
         '{"name": "Marco", "age": 41, "city": "Rome"}',
         "Reply in JSON. A person who lives in Tokyo.")),
-    ("person schema, asked plainly", PERSON, chat(
+    ("person schema, asked plainly", PERSON, gemma_chat(
         "Give a person (name, age, city) as JSON.")),
-    ("book schema, asked plainly", BOOK, chat(
+    ("book schema, asked plainly", BOOK, gemma_chat(
         "Give a book as JSON: title, tags and author (first, last).")),
 ]
 # grammar states for the per-call costs: the answer's text accepted so far

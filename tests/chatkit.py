@@ -196,3 +196,13 @@ def server_process(data_dir: Path, model: Path, *args: str, timeout: float = 120
     """`spawn_server`, yielding only its base URL."""
     with spawn_server(data_dir, model, *args, timeout=timeout, env=env) as server:
         yield server.base
+
+
+def gemma_chat(*turns: str) -> str:
+    """Gemma's chat layout: user, model, user, ... ending where the model answers (the
+    grammar tests and benchmarks/bench_grammar.py prompt the raw model with it)."""
+    out = []
+    for i, text in enumerate(turns):
+        role = "user" if i % 2 == 0 else "model"
+        out.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+    return "".join(out) + "<start_of_turn>model\n"

@@ -27,11 +27,14 @@ that token id fail with -1 (the decode-error path).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from lollms_fast.config import Config
+from lollms_fast.engine import Engine
 from lollms_fast.engine.batch import Batch
 
 BOS, EOG = 0, 1
@@ -140,3 +143,14 @@ class ScriptedBackend:
 
     def close(self) -> None:
         self.closed = True
+
+
+def scripted_loader(script: Sequence[bytes], **kw: Any) -> Callable[[Config], Engine]:
+    """A `build_app` backend factory: an engine on a ScriptedBackend(script, **kw)."""
+    def load(config: Config) -> Engine:
+        engine = Engine(ScriptedBackend(script, **kw), parallel=config.parallel,
+                        n_ctx_slot=config.ctx_size, n_batch=config.n_batch,
+                        queue_size=config.queue_size)
+        engine.start()
+        return engine
+    return load

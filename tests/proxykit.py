@@ -96,13 +96,17 @@ class NginxServer(_Server):
     def check(self) -> subprocess.CompletedProcess[str]:
         """`nginx -t` on the configuration (written first if needed)."""
         conf = self.dir / "nginx.conf" if self.dir.name else self.write_config()
-        return subprocess.run([self.binary, "-t", "-p", str(self.dir), "-c", str(conf)],
+        return subprocess.run([self.binary, "-t", *self._paths(conf)],
                               capture_output=True, text=True)
+
+    def _paths(self, conf: Path) -> list[str]:
+        # -e: nginx opens its error log before it reads the configuration
+        return ["-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(conf)]
 
     def start(self) -> None:
         conf = self.write_config()
         log = (self.dir / "stderr").open("wb")
-        self._proc = subprocess.Popen([self.binary, "-p", str(self.dir), "-c", str(conf)],
+        self._proc = subprocess.Popen([self.binary, *self._paths(conf)],
                                       stdout=log, stderr=subprocess.STDOUT)
         _wait(self._answers, "nginx")
         self.url = f"http://127.0.0.1:{self.port}"

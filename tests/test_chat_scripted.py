@@ -14,23 +14,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from chatkit import Browser
-from fakes import ScriptedBackend
+from fakes import ScriptedBackend, scripted_loader
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.engine import Engine
 from lollms_fast.services.chat import _Checkpointer
 
 Factory = Callable[..., Any]
-
-
-def scripted_loader(script: Sequence[bytes], **kw: Any) -> Callable[[Config], Engine]:
-    def load(config: Config) -> Engine:
-        engine = Engine(ScriptedBackend(script, **kw), parallel=config.parallel,
-                        n_ctx_slot=config.ctx_size, n_batch=config.n_batch,
-                        queue_size=config.queue_size)
-        engine.start()
-        return engine
-    return load
 
 
 async def scripted_server(aiohttp_server: Factory, make_config: Callable[..., Config],

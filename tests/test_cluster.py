@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from test_chat_scripted import scripted_loader
 
 from chatkit import Browser
+from fakes import scripted_loader
 from lollms_fast.app import build_app
 from lollms_fast.config import Config
 from lollms_fast.server.keys import SESSIONS, SETTINGS

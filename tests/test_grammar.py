@@ -18,6 +18,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from chatkit import gemma_chat
 from lollms_fast.engine.backend import (
     JSON_OBJECT_GBNF,
     Backend,
@@ -87,16 +88,7 @@ def _decode_row(backend: Backend, prompt: str) -> np.ndarray:
     return backend.logits(index).copy()
 
 
-def chat(*turns: str) -> str:
-    """Gemma's chat layout: user, model, user, ... ending where the model answers."""
-    out = []
-    for i, text in enumerate(turns):
-        role = "user" if i % 2 == 0 else "model"
-        out.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
-    return "".join(out) + "<start_of_turn>model\n"
-
-
-COLOUR = chat("Reply in JSON. Name a colour.")  # the prompt of the single-row tests
+COLOUR = gemma_chat("Reply in JSON. Name a colour.")  # the prompt of the single-row tests
 
 
 def constrained_greedy(backend: Backend, grammar: Grammar, prompt: str) -> tuple[str, int]:
@@ -385,18 +377,18 @@ SHAPE = {
 }
 
 CASES = {
-    "json_object": (None, chat("Reply in JSON. What is the capital of Italy?",
+    "json_object": (None, gemma_chat("Reply in JSON. What is the capital of Italy?",
                                '{"capital": "Rome"}',
                                "Reply in JSON. What is the capital of France?")),
-    "enum_and_required": (PERSON, chat("Reply in JSON. A person who lives in Rome.",
+    "enum_and_required": (PERSON, gemma_chat("Reply in JSON. A person who lives in Rome.",
                                        '{"name": "Marco", "age": 41, "city": "Rome"}',
                                        "Reply in JSON. A person who lives in Tokyo.")),
-    "nesting_and_arrays": (BOOK, chat(
+    "nesting_and_arrays": (BOOK, gemma_chat(
         "Reply in JSON. A novel.",
         '{"title": "Dune", "tags": ["desert", "empire"], '
         '"author": {"first": "Frank", "last": "Herbert"}}',
         "Reply in JSON. A detective novel.")),
-    "ref_const_boolean": (SHAPE, chat(
+    "ref_const_boolean": (SHAPE, gemma_chat(
         "Reply in JSON. A segment from the origin to (3, 4).",
         '{"kind": "segment", "ends": [{"x": 0, "y": 0}, {"x": 3, "y": 4}], "closed": false}',
         "Reply in JSON. A segment from (1, 1) to (5, 2).")),

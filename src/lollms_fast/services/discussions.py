@@ -70,9 +70,7 @@ class DiscussionService:
     async def delete(self, discussion_id: int) -> None:
         if not await self.store.delete(discussion_id):
             raise NotFound(f"discussion {discussion_id} not found")
-        self.sessions.forget_discussion(discussion_id)
-        if self.sessions.mirror is not None:  # other replicas' sessions forget it too
-            await self.sessions.mirror.publish("forget", discussion=discussion_id)
+        await self.sessions.discussion_deleted(discussion_id)
 
     async def rename_current(self, session: ClientSession, title: str) -> int:
         check_text("title", title)

@@ -208,10 +208,17 @@ class SessionStore:
                 break
             self._sessions.popitem(last=False)
 
+    async def discussion_deleted(self, discussion_id: int) -> None:
+        """No session keeps a deleted discussion as current: this process's at once, and
+        with replicas the others' too (a session only Redis still points at finds it gone,
+        which every route treats as "none selected")."""
+        self.forget_discussion(discussion_id)
+        if self.mirror is not None:
+            await self.mirror.publish("forget", discussion=discussion_id)
+
     def forget_discussion(self, discussion_id: int) -> None:
-        """A discussion was deleted: no session of this process keeps it as current (other
-        replicas are told by the discussions service; a session only Redis still points at
-        it finds it gone, which every route treats as "none selected")."""
+        """This process's part of `discussion_deleted` (also what another replica's
+        message does here)."""
         for session in self._sessions.values():
             if session.discussion_id == discussion_id:
                 session.select(None, None)
